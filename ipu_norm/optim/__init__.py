@@ -1,0 +1,1 @@
+"""Optimisation: parameter groups, Adaptive Gradient Clipping, schedules."""
