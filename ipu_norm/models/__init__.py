@@ -5,3 +5,4 @@ from ipu_norm.models.registry import create_model, is_model, list_models, model_
 __all__ = ["create_model", "is_model", "list_models", "model_family", "register_model"]
 
 # Family modules register their models on import; each is added here when it exists.
+from ipu_norm.models import efficientnet, resnet  # noqa: E402,F401,I001
