@@ -1,0 +1,165 @@
+"""ExecutionPlan: batch arithmetic, stages, recomputation, precision, loss scaling and actionable errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from ipu_norm.ipu.plan import ExecutionPlan, PlanError, PrecisionSpec, build_plan
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_blocks: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(num_blocks)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.default_cfg = {"train_size": 8, "test_size": 8, "num_classes": 10, "norm": "none", "family": "tiny"}
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def plan(execution: dict, micro: int = 4, global_batch: int | None = None, **kw) -> ExecutionPlan:
+    ex = {"device": "ipu", **execution}
+    return build_plan(ex, TinyNet(), {"micro_batch_size": micro, "global_batch_size": global_batch}, **kw)
+
+
+def test_batch_arithmetic_and_samples_per_step() -> None:
+    p = plan({"replicas": 8, "device_iterations": 5, "pipeline_splits": ["blocks.3"]}, micro=12, global_batch=768)
+    assert p.gradient_accumulation == 768 // (12 * 8) == 8
+    assert p.global_batch_size == 768
+    assert p.samples_per_step == 12 * 8 * 8 * 5
+    assert p.ipus_per_replica == 2 and p.ipus_used == 16 and p.pipelined
+    assert [(s.start, s.ipu) for s in p.stages] == [("stem", 0), ("blocks.3", 1)]
+    assert p.stages[0].units == ("stem", "blocks.0", "blocks.1", "blocks.2")
+    assert p.stages[1].units == ("blocks.3", "blocks.4", "blocks.5", "head")
+    assert p.stage_of("blocks.4") == 1 and p.pipeline_splits == ["blocks.3"]
+    assert "global_batch=768" in p.describe()
+
+
+def test_accumulation_from_config_without_global_batch() -> None:
+    p = plan({"gradient_accumulation": 3}, micro=2)
+    assert p.gradient_accumulation == 3 and p.global_batch_size == 6 and not p.pipelined
+
+
+def test_global_batch_must_divide() -> None:
+    with pytest.raises(PlanError, match=r"not a multiple of micro_batch_size x replicas = 12 x 8 = 96; use global_"):
+        plan({"replicas": 8}, micro=12, global_batch=800)
+
+
+def test_accumulation_contradiction() -> None:
+    with pytest.raises(PlanError, match="contradicts"):
+        plan({"gradient_accumulation": 2}, micro=4, global_batch=32)
+
+
+def test_pipelined_training_needs_accumulation() -> None:
+    with pytest.raises(PlanError, match="gradient accumulation >= 3"):
+        plan({"pipeline_splits": ["blocks.2", "blocks.4"]}, micro=4, global_batch=8)
+    # Inference plans do not accumulate.
+    p = plan({"pipeline_splits": ["blocks.2", "blocks.4"]}, micro=4, training=False)
+    assert p.num_stages == 3
+
+
+def test_unknown_stage_lists_valid_names() -> None:
+    with pytest.raises(PlanError, match=r"'blocks.9' is not a stage boundary.*blocks.0 .. blocks.5, head"):
+        plan({"pipeline_splits": ["blocks.9"]}, micro=1, global_batch=4)
+    with pytest.raises(PlanError, match="distinct and in model order"):
+        plan({"pipeline_splits": ["blocks.4", "blocks.2"]}, micro=1, global_batch=4)
+
+
+def test_ipus_per_replica_consistency_and_auto_split() -> None:
+    with pytest.raises(PlanError, match="set ipus_per_replica: 2"):
+        plan({"pipeline_splits": ["blocks.3"], "ipus_per_replica": 4}, micro=1, global_batch=8)
+    # No splits + ipus_per_replica > 1: split automatically (equal blocks -> balanced by FLOPs).
+    p = plan({"ipus_per_replica": 2}, micro=1, global_batch=4)
+    assert p.num_stages == 2 and p.pipeline_splits[0].startswith("blocks.")
+    p = plan({"ipus_per_replica": 2}, micro=1, global_batch=4, split_cost=[1, 1, 1, 1, 1, 1])
+    assert p.pipeline_splits == ["blocks.3"]
+
+
+def test_available_ipus() -> None:
+    with pytest.raises(PlanError, match="= 16 IPUs but 8 are available"):
+        plan({"replicas": 8, "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=16, available_ipus=8)
+
+
+def test_available_ipus_from_poprun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "4")
+    monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "1")
+    with pytest.raises(PlanError, match="but 4 are available"):
+        plan({"replicas": 4, "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=8)
+
+
+def test_memory_proportion() -> None:
+    p = plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": 0.3}, micro=1, global_batch=2)
+    assert p.available_memory_proportion == [0.3, 0.3]
+    p = plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.2, 0.5]}, micro=1, global_batch=2)
+    assert p.available_memory_proportion == [0.2, 0.5]
+    with pytest.raises(PlanError, match=r"IPU1 is 1.5; it must be in \(0, 1\]"):
+        plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.2, 1.5]}, micro=1, global_batch=2)
+    with pytest.raises(PlanError, match="must be in"):
+        plan({"available_memory_proportion": 0.0}, micro=1)
+    with pytest.raises(PlanError, match="has 3 values for 2 IPUs"):
+        plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.1] * 3}, micro=1, global_batch=2)
+
+
+def test_recompute() -> None:
+    p = plan({"recompute": "checkpoints", "recompute_checkpoints": ["blocks.1", "blocks.4"]}, micro=1)
+    assert p.recompute_checkpoints == ["blocks.1", "blocks.4"]
+    p = plan({"recompute": "auto"}, micro=1)
+    assert p.recompute_checkpoints == [f"blocks.{i}" for i in range(6)]
+    with pytest.raises(PlanError, match="needs execution.recompute_checkpoints"):
+        plan({"recompute": "checkpoints"}, micro=1)
+    with pytest.raises(PlanError, match="'blocks.77' is not a module"):
+        plan({"recompute": "checkpoints", "recompute_checkpoints": ["blocks.77"]}, micro=1)
+    with pytest.raises(PlanError, match="recompute is 'none'"):
+        plan({"recompute_checkpoints": ["blocks.1"]}, micro=1)
+
+
+def test_precision_parse() -> None:
+    assert PrecisionSpec.parse("16.32").compute_dtype == torch.float16
+    assert PrecisionSpec.parse("16.32").accum_dtype == torch.float32
+    assert PrecisionSpec.parse(16.16).partials_dtype == torch.float16  # YAML float
+    assert PrecisionSpec.parse(32.32).compute_dtype == torch.float32
+    assert PrecisionSpec.parse("bf16").compute_dtype == torch.bfloat16
+    with pytest.raises(PlanError, match="not one of"):
+        PrecisionSpec.parse("8.8")
+
+
+def test_loss_scaling() -> None:
+    with pytest.raises(PlanError, match="16.16.*needs loss scaling"):
+        plan({"precision": "16.16", "loss_scaling": 1.0}, micro=1)
+    p = plan({"precision": "16.16", "loss_scaling": "auto"}, micro=1)
+    assert p.loss_scaling.auto and p.loss_scaling.value > 1
+    p = plan({"precision": "16.16", "loss_scaling": 256}, micro=1)
+    assert not p.loss_scaling.auto and p.loss_scaling.value == 256
+    # 'auto' in fp32 means none is needed.
+    p = plan({"precision": "32.32", "loss_scaling": "auto"}, micro=1)
+    assert not p.loss_scaling.enabled
+    with pytest.raises(PlanError, match="positive"):
+        plan({"loss_scaling": -1.0}, micro=1)
+
+
+def test_device_specific_rules() -> None:
+    with pytest.raises(PlanError, match="bf16.*not available on Mk2"):
+        plan({"precision": "bf16"}, micro=1)
+    p = build_plan({"device": "cpu", "precision": "bf16", "stochastic_rounding": True}, TinyNet(),
+                   {"micro_batch_size": 2})
+    assert p.device == "cpu" and not p.stochastic_rounding  # SR is an IPU hardware feature
+    with pytest.raises(PlanError, match="replicas >= 2"):
+        plan({"replicated_tensor_sharding": True}, micro=1)
+    with pytest.raises(PlanError, match="micro_batch_size must be >= 1"):
+        plan({}, micro=0)
+
+
+def test_model_contract_required() -> None:
+    with pytest.raises(PlanError, match="lacks .stem"):
+        build_plan({"device": "cpu"}, nn.Linear(2, 2), {"micro_batch_size": 1})
+
+
+def test_accepts_app_schema_dataclass() -> None:
+    schema = pytest.importorskip("ipu_norm.config.schema")
+    ex = schema.ExecutionConfig(device="ipu", replicas=2, pipeline_splits=["blocks.3"], precision="16.32")
+    p = build_plan(ex, TinyNet(), {"micro_batch_size": 2, "global_batch_size": 16})
+    assert p.gradient_accumulation == 4 and p.num_stages == 2
+    assert p.loss_scaling.auto  # the schema's default 'auto' with fp16 compute
