@@ -6,3 +6,4 @@ __all__ = ["create_model", "is_model", "list_models", "model_family", "register_
 
 # Family modules register their models on import; each is added here when it exists.
 from ipu_norm.models import efficientnet, resnet  # noqa: E402,F401,I001
+from ipu_norm.models import nfnet  # noqa: E402,F401,I001

@@ -1,0 +1,179 @@
+"""Scaled Weight Standardization (Brock et al. 2021, arXiv 2101.08692) for normalizer-free networks.
+
+Each output channel's weights W_o (fan-in N = in/groups * kh * kw values) are standardized on every forward:
+
+- ``form="deepmind"`` (DeepMind's nfnets ``WSConv2D``, REFERENCE.md):
+  ``W_hat = gamma * gain * (W - mean) / sqrt(max(N * var, eps))`` with eps = 1e-4.
+- ``form="timm"`` (timm's ``ScaledStdConv2d`` / ``ScaledStdConv2dSame``):
+  ``W_hat = gamma * gain / sqrt(N) * (W - mean) / sqrt(var + eps)`` with eps = 1e-5.
+
+``var`` is the biased (population) variance over the fan-in in both forms. The two differ by the eps term
+only, but not negligibly: with the usual N(0, 1/N) init N * var ~ 1 and timm's term N * eps is 0.015 for
+N = 1536, a ~0.8% change of every weight, far above a 1e-4 logit tolerance after 20+ layers.
+
+Which model uses which (see ipu_norm/models/nfnet.py):
+
+- ``nfnet_f0`` .. ``nfnet_f7`` default to ``"deepmind"``: they follow DeepMind's reference architecture.
+- ``nf_resnet50`` defaults to ``"timm"``: its reference implementation is timm's ``nf_resnet50``.
+- ``ipu_norm.models.import_timm.load_timm_weights`` switches every layer to ``"timm"`` with the source
+  layer's eps, because timm's ``dm_nfnet_f*`` (DeepMind-weight compatible) also use timm's form with
+  eps = 1e-5, not DeepMind's; that is what makes the imported logits identical to timm's.
+
+``gamma`` is a fixed (non-learnable) multiplier: timm's NF-ResNets fold the activation's NF gamma into the
+following conv this way instead of scaling the activation output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WS_FORMS = ("deepmind", "timm")
+# Default eps of each form: DeepMind's WSConv2D and timm's NfCfg.std_conv_eps.
+WS_DEFAULT_EPS = {"deepmind": 1e-4, "timm": 1e-5}
+
+
+def scaled_std_weight(
+    weight: torch.Tensor,
+    gain: torch.Tensor | None = None,
+    *,
+    form: str = "deepmind",
+    eps: float | None = None,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """Scaled-standardized copy of a conv weight (out, in/groups, kh, kw), per output channel.
+
+    gain: learnable per-output-channel gain, shape (out, 1, 1, 1) (or anything with `out` elements); None = 1.
+    form / eps: see the module docstring; eps=None takes the form's default.
+    Vectorised over output channels (one reduction over the fan-in), differentiable in weight and gain.
+    """
+    if form not in WS_FORMS:
+        raise ValueError(f"unknown weight-standardization form {form!r}; expected one of {WS_FORMS}")
+    eps = WS_DEFAULT_EPS[form] if eps is None else float(eps)
+    out = weight.shape[0]
+    w = weight.reshape(out, -1)
+    fan_in = w.shape[1]
+    # Two-pass mean/variance (centre first): exact in fp32 for small-variance weights and built from plain
+    # mean/sub/mul ops that every backend (PopTorch included) lowers without a special var_mean kernel.
+    mean = w.mean(dim=1, keepdim=True)
+    centered = w - mean
+    var = centered.square().mean(dim=1, keepdim=True)
+    if form == "deepmind":
+        scale = torch.rsqrt(torch.clamp(var * fan_in, min=eps))
+    else:
+        scale = torch.rsqrt(var + eps) * (1.0 / math.sqrt(fan_in))
+    if gamma != 1.0:
+        scale = scale * gamma
+    if gain is not None:
+        scale = scale * gain.reshape(out, 1)
+    return (centered * scale).reshape_as(weight)
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _tf_same_pad(size: int, k: int, s: int, d: int) -> int:
+    """Total TF 'SAME' padding along one spatial dim (output size ceil(size / s))."""
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight is Scaled-Weight-Standardized on every forward, with a learnable gain.
+
+    Args:
+        padding: an int / pair (symmetric, PyTorch style), None for ``((stride - 1) + dilation * (k - 1)) // 2``
+            (timm's default), or ``"same"`` for TensorFlow/Haiku 'SAME' padding (output = ceil(in / stride);
+            strided layers pad asymmetrically, more at the bottom/right), which DeepMind's NFNets use.
+        form: ``"deepmind"`` or ``"timm"`` (module docstring); eps: None = the form's default.
+        gamma: fixed multiplier folded into the weight (timm's NF-ResNets put the activation gamma here).
+        gain_init: initial value of the learnable gain, shape (out, 1, 1, 1).
+
+    State dict: ``weight``, ``bias`` (if any) and ``gain``, as timm's layer (so weights map one to one).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str | None = None,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        form: str = "deepmind",
+        eps: float | None = None,
+        gamma: float = 1.0,
+        gain_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        ks, st, dl = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if isinstance(padding, str):
+            if padding.lower() != "same":
+                raise ValueError(f"padding must be an int, a pair, None or 'same', got {padding!r}")
+            # Stride 1 with odd effective kernel: TF SAME is symmetric and static.
+            static = all(s == 1 and (d * (k - 1)) % 2 == 0 for k, s, d in zip(ks, st, dl))
+            pad: int | tuple[int, int] = tuple(d * (k - 1) // 2 for k, d in zip(ks, dl)) if static else 0
+            tf_same = not static
+        else:
+            pad = tuple(((s - 1) + d * (k - 1)) // 2 for k, s, d in zip(ks, st, dl)) if padding is None else padding
+            tf_same = False
+        super().__init__(
+            in_channels, out_channels, ks, stride=st, padding=pad, dilation=dl, groups=groups, bias=bias,
+            device=device, dtype=dtype,
+        )
+        if form not in WS_FORMS:
+            raise ValueError(f"unknown weight-standardization form {form!r}; expected one of {WS_FORMS}")
+        self.tf_same = tf_same
+        self.form = form
+        self.eps = WS_DEFAULT_EPS[form] if eps is None else float(eps)
+        self.gamma = float(gamma)
+        self.gain_init = float(gain_init)
+        self.gain = nn.Parameter(torch.empty((out_channels, 1, 1, 1), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fan-in normal init of the weight (WS makes the scale irrelevant), zero bias, gain = gain_init."""
+        # nn.Conv2d.__init__ calls this before `gain` exists.
+        if not hasattr(self, "gain"):
+            return
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="linear")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        nn.init.constant_(self.gain, self.gain_init)
+
+    def set_form(self, form: str, eps: float | None = None) -> None:
+        """Switch the standardization form (and eps; None = the form's default)."""
+        if form not in WS_FORMS:
+            raise ValueError(f"unknown weight-standardization form {form!r}; expected one of {WS_FORMS}")
+        self.form = form
+        self.eps = WS_DEFAULT_EPS[form] if eps is None else float(eps)
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight actually convolved: gamma * gain * standardized(W)."""
+        return scaled_std_weight(self.weight, self.gain, form=self.form, eps=self.eps, gamma=self.gamma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tf_same:
+            (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+            ph = _tf_same_pad(x.shape[-2], kh, sh, dh)
+            pw = _tf_same_pad(x.shape[-1], kw, sw, dw)
+            if ph or pw:
+                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.tf_same:
+            s += ", padding=SAME(tf)"
+        s += f", form={self.form}, eps={self.eps:g}"
+        if self.gamma != 1.0:
+            s += f", gamma={self.gamma:.6f}"
+        return s
