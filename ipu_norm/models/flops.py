@@ -1,0 +1,120 @@
+"""Multiply-accumulate (MAC) counts of conv and linear layers, from shapes only (meta tensors).
+
+Convention: the "FLOPs" of the EfficientNet and NFNet papers are multiply-accumulates. Checked: counting
+the conv/linear MACs of timm's dm_nfnet_f0 at 256x256 with these hooks gives 12.384 G, the published
+"12.38B FLOPs" of NFNet-F0 (REFERENCE.md); ResNet-50 at 224 gives 4.09 G, the usual "4.1 GFLOPs".
+So `FlopCount.gflops` (what the model table prints) is GMACs; `FlopCount.flops_2x` is the 2 * MACs count
+of arithmetic operations for those who want it. Norms, activations, pooling, SE gating and residual
+additions are not counted (they are O(activations), not O(activations x fan-in)).
+
+The count runs the model once through `torch.func.functional_call` with every parameter and buffer
+replaced by a meta tensor of the same shape, so it costs no memory or compute even for 500M-parameter
+models and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["FlopCount", "count_flops", "count_params"]
+
+
+@dataclass
+class FlopCount:
+    """MACs for one image of the given size; per-layer-type totals in `by_type`."""
+
+    macs: int
+    params: int
+    input_size: tuple[int, int, int]
+    by_type: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> float:
+        """Giga-MACs: the papers' "GFLOPs" convention (see module docstring)."""
+        return self.macs / 1e9
+
+    @property
+    def flops_2x(self) -> int:
+        """Arithmetic operations counting a multiply and an add separately (2 * MACs)."""
+        return 2 * self.macs
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (each shared parameter once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if not trainable_only or p.requires_grad:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _input_shape(input_size: int | Sequence[int], in_chans: int) -> tuple[int, int, int]:
+    if isinstance(input_size, int):
+        return (in_chans, input_size, input_size)
+    size = tuple(int(s) for s in input_size)
+    if len(size) == 2:
+        return (in_chans,) + size  # type: ignore[return-value]
+    if len(size) == 3:
+        return size  # type: ignore[return-value]
+    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size}")
+
+
+def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
+    # Per output element a conv does (in_channels / groups) * prod(kernel) MACs, a Linear in_features.
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    return 0
+
+
+def count_flops(model: nn.Module, input_size: int | Sequence[int], in_chans: int = 3) -> FlopCount:
+    """MACs of all conv/linear layers (subclasses included, e.g. weight-standardised convs) for one image.
+
+    input_size: image side, (H, W) or (C, H, W). Runs in eval mode on meta tensors (shapes only); the
+    model's parameters, buffers and train/eval mode are unchanged afterwards.
+    """
+    shape = _input_shape(input_size, in_chans)
+    totals: dict[str, int] = {}
+
+    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        macs = _layer_macs(module, out)
+        key = type(module).__name__
+        totals[key] = totals.get(key, 0) + macs
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    ]
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        meta_state = {
+            name: torch.empty_like(t, device="meta")
+            for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        }
+        x = torch.empty((1,) + shape, device="meta")
+        with torch.no_grad():
+            try:
+                functional_call(model, meta_state, (x,))
+            except (NotImplementedError, RuntimeError) as exc:
+                # A model that creates real tensors inside forward cannot mix them with meta ones: fall back
+                # to one real forward pass of a single image.
+                warnings.warn(f"meta-tensor FLOP count failed ({exc}); running one real forward pass", stacklevel=2)
+                totals.clear()
+                p = next(model.parameters(), None)
+                model(torch.zeros((1,) + shape, device=p.device if p is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in was_training.items():
+            m.train(flag)
+    return FlopCount(macs=sum(totals.values()), params=count_params(model), input_size=shape, by_type=totals)
