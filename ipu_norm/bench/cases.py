@@ -26,6 +26,9 @@ from ipu_norm.layers.norm_act import DEFAULT_EPS, DEFAULT_GN_GROUPS
 
 # AGC clip factor for the benchmark. Its value does not change the cost of the clip call.
 AGC_CLIP = 0.01
+# Dropout and stochastic depth off on both sides: their defaults differ between the libraries, and they
+# would make the step cost depend on random draws.
+NO_DROP = {"drop_rate": 0.0, "drop_path_rate": 0.0}
 
 
 @dataclass
@@ -55,7 +58,7 @@ def _timm(name: str, num_classes: int, **kw) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import timm  # noqa: PLC0415 - only the benchmark needs timm
 
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **NO_DROP, **kw)
 
     return build
 
@@ -90,7 +93,8 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
         Group(
             "effnet_b0_bn",
             [
-                Variant("ipu_norm efficientnet_b0 bn", "ipu_norm", _ipu("efficientnet_b0", num_classes, norm="bn")),
+                Variant("ipu_norm efficientnet_b0 bn", "ipu_norm",
+                        _ipu("efficientnet_b0", num_classes, norm="bn", **NO_DROP)),
                 Variant("timm efficientnet_b0", "timm", _timm("efficientnet_b0", num_classes)),
             ],
             ratios=[("ipu_norm efficientnet_b0 bn", "timm efficientnet_b0", "EffNet-B0 BN vs timm", ">=1.0")],
@@ -99,8 +103,9 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
             "effnet_b0_gn",
             [
                 Variant("ipu_norm efficientnet_b0 gn+pn", "ipu_norm",
-                        _ipu("efficientnet_b0", num_classes, norm="gn+pn")),
-                Variant("ipu_norm efficientnet_b0 gn", "ipu_norm", _ipu("efficientnet_b0", num_classes, norm="gn")),
+                        _ipu("efficientnet_b0", num_classes, norm="gn+pn", **NO_DROP)),
+                Variant("ipu_norm efficientnet_b0 gn", "ipu_norm",
+                        _ipu("efficientnet_b0", num_classes, norm="gn", **NO_DROP)),
                 Variant(
                     "timm efficientnet_b0 gn", "timm",
                     _timm("efficientnet_b0", num_classes, norm_layer=functools.partial(
@@ -144,8 +149,9 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
         Group(
             "nfnet_f0_agc",
             [
-                Variant("ipu_norm nfnet_f0 +agc", "ipu_norm", _ipu("nfnet_f0", num_classes), clip=ipu_norm_agc()),
-                Variant("ipu_norm nfnet_f0 no-agc", "ipu_norm", _ipu("nfnet_f0", num_classes)),
+                Variant("ipu_norm nfnet_f0 +agc", "ipu_norm", _ipu("nfnet_f0", num_classes, **NO_DROP),
+                        clip=ipu_norm_agc()),
+                Variant("ipu_norm nfnet_f0 no-agc", "ipu_norm", _ipu("nfnet_f0", num_classes, **NO_DROP)),
                 Variant("timm dm_nfnet_f0 +agc", "timm", _timm("dm_nfnet_f0", num_classes), clip=timm_agc(),
                         note="timm's dm_nfnet_f0 uses TF 'same' padding convs (dynamic pad)"),
             ],

@@ -158,25 +158,18 @@ def gemm_peak_flops(
     return 2.0 * size**3 / min(times)
 
 
-def forward_flops(model: nn.Module, resolution: int, name: str | None = None) -> tuple[float, str]:
-    """Forward FLOPs of one image (multiply-add = 2 FLOPs) and how they were counted.
+def forward_flops(model: nn.Module, resolution: int) -> tuple[float, str]:
+    """Forward FLOPs of one image (a multiply-add counts 2) and how they were counted.
 
-    Prefers ipu_norm.models.flops (the library's analytic counter) for ipu_norm models; otherwise counts
-    the matmul/conv FLOPs of one forward pass with torch.utils.flop_counter on the meta device.
+    Uses the library's shape-only counter (ipu_norm.models.flops: conv + linear MACs, x2) for every
+    model, timm's included, so both sides of a ratio are counted alike; falls back to torch's
+    FlopCounterMode if that module is unavailable.
     """
     try:
-        from ipu_norm.models import flops as flops_mod  # noqa: PLC0415 - optional, may not exist yet
+        from ipu_norm.models.flops import count_flops  # noqa: PLC0415
     except ImportError:
-        flops_mod = None
-    if flops_mod is not None and name is not None:
-        for fn_name in ("count_flops", "model_flops", "flops"):
-            fn = getattr(flops_mod, fn_name, None)
-            if callable(fn):
-                try:
-                    return float(fn(model, resolution)), f"ipu_norm.models.flops.{fn_name}"
-                except TypeError:
-                    pass
-    return count_forward_flops(model, resolution), "torch.utils.flop_counter"
+        return count_forward_flops(model, resolution), "torch.utils.flop_counter"
+    return float(count_flops(model, resolution).flops_2x), "ipu_norm.models.flops (2 x conv/linear MACs)"
 
 
 def count_forward_flops(model: nn.Module, resolution: int) -> float:

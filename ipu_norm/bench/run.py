@@ -78,7 +78,7 @@ def run_group(group: Group, args: argparse.Namespace, device: torch.device, log)
         try:
             torch.manual_seed(0)
             model = v.build()
-            fwd_flops, flops_src = forward_flops(model, args.resolution, name=v.name)
+            fwd_flops, flops_src = forward_flops(model, args.resolution)
             row.update(params=sum(p.numel() for p in model.parameters()), fwd_flops_per_img=fwd_flops,
                        flops_source=flops_src)
             step = TrainStep(
