@@ -1,0 +1,367 @@
+"""Thin translation of an `ExecutionPlan` into PopTorch (Graphcore Poplar SDK 3.x).
+
+Two layers, so that the translation is testable without the SDK:
+
+1. Pure functions decide WHAT to set: `option_calls(plan)` returns a list of `OptionCall(path, args, kwargs)`
+   (e.g. ``OptionCall("Training.gradientAccumulation", (8,))``) whose arguments may be symbolic references to
+   poptorch attributes (`Ref("ReductionType.Mean")`) or objects to build (`Build("TensorLocationSettings", ...)`);
+   `optimizer_spec(...)` returns the poptorch.optim class name and keyword arguments.
+2. `apply_option_calls(opts, calls, poptorch)` walks the dotted paths with getattr and calls them, resolving the
+   symbolic arguments against the real ``poptorch`` module (or any stand-in, which is how the tests record calls).
+
+poptorch is imported lazily (`import_poptorch`): it is not on PyPI; it ships as a wheel in Graphcore's Poplar SDK.
+
+PopTorch / PopDist names used here, checked against the graphcore/poptorch sources (SDK 3.x tree: python/options.py,
+python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphcore's examples for popdist:
+
+- python/options.py, class Options: ``replicationFactor``, ``deviceIterations``, ``autoRoundNumIPUs``,
+  ``outputMode(OutputMode)``, ``setAvailableMemoryProportion({"IPU0": p, ...})`` (keys must start with "IPU"),
+  ``enableExecutableCaching(path)``, ``useIpuModel(bool)``, ``randomSeed(int)``,
+  ``setExecutionStrategy(PipelinedExecution(...))``, properties ``Training``, ``Precision``, ``TensorLocations``,
+  ``_Popart`` (``_PopartOptions.set(key, value)``).
+- options.py, _TrainingOptions: ``gradientAccumulation``, ``accumulationAndReplicationReductionType(ReductionType)``,
+  ``setAutomaticLossScaling(bool)``; _PrecisionOptions: ``enableStochasticRounding(bool)``,
+  ``setPartialsType(torch.float | torch.half)``; _TensorLocationOptions: ``setOptimizerLocation(
+  TensorLocationSettings)``; TensorLocationSettings: ``useOnChipStorage(bool)``, ``useReplicatedTensorSharding(bool)``;
+  ``PipelinedExecution(AutoStage.AutoIncrement)``.
+- python/enums.py: ``ReductionType.Mean``, ``OutputMode.All``, ``AutoStage.AutoIncrement``, ``DataLoaderMode.Async``.
+- python/ops.py: ``BeginBlock(module, user_id, ipu_id)`` (registers a forward pre-hook, returns the module),
+  ``recomputationCheckpoint(*tensors)``, ``identity_loss(x, reduction)`` with reduction 'sum' | 'mean' | 'none'.
+- python/__init__.py: ``trainingModel(model, options, optimizer)``, ``inferenceModel(model, options)``,
+  ``DataLoader(options, dataset, batch_size, shuffle, num_workers, drop_last, ..., mode)``.
+- python/_poplar_executor.py, PoplarExecutor: ``compile``, ``copyWeightsToHost``, ``setOptimizer``,
+  ``detachFromDevice``, ``destroy``, ``isAttachedToDevice``.
+- python/optim.py: ``SGD(params, lr, momentum, dampening, weight_decay, nesterov, ..., loss_scaling,
+  velocity_scaling, use_combined_accum, accum_type, velocity_accum_type)``, ``AdamW(params, lr, betas, eps,
+  weight_decay, ..., loss_scaling, bias_correction, accum_type, first_order_momentum_accum_type,
+  second_order_momentum_accum_type)``, ``RMSprop(params, lr, alpha, eps, weight_decay, momentum, centered, ...,
+  loss_scaling, accum_type, first_order_momentum_accum_type, second_order_momentum_accum_type, use_tf_variant)``.
+- PopART ``autoRecomputation`` values (popart.RecomputationType): 1 Standard, 3 Pipeline, 4 RecomputeAll, as used
+  with ``_Popart.set("autoRecomputation", ...)`` and ``explicitRecomputation`` in graphcore/examples
+  vision/cnns/pytorch and poptorch's tests.
+- popdist (Graphcore examples, e.g. vision/cnns/pytorch utils): ``popdist.isPopdistEnvSet()``, ``popdist.init()``,
+  ``popdist.getNumTotalReplicas()``, ``popdist.getNumLocalReplicas()``, ``popdist.getInstanceIndex()``,
+  ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (which refuses
+  ``replicationFactor``: poprun owns the replica count). poprun exports POPDIST_NUM_TOTAL_REPLICAS,
+  POPDIST_NUM_IPUS_PER_REPLICA, POPDIST_NUM_LOCAL_REPLICAS, ... and OpenMPI's OMPI_COMM_WORLD_* variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipu_norm.ipu.plan import ExecutionPlan
+
+POPLAR_SDK_MESSAGE = (
+    "execution.device='ipu' needs PopTorch from Graphcore's Poplar SDK, which is not installed here "
+    "(poptorch is not on PyPI: install the SDK, run `source <sdk>/enable.sh` and `pip install <sdk>/poptorch-*.whl`). "
+    "To train without IPUs, set execution.device: cpu or cuda (or run with --device cpu)."
+)
+
+# popart.RecomputationType values (checked in graphcore/examples and poptorch tests; see module docstring).
+RECOMPUTE_STANDARD = 1
+RECOMPUTE_PIPELINE = 3
+RECOMPUTE_ALL = 4
+
+
+class PoplarSDKMissingError(ImportError):
+    """poptorch (Graphcore's Poplar SDK) could not be imported."""
+
+
+def import_poptorch() -> Any:
+    """Import poptorch or raise `PoplarSDKMissingError` with instructions (SDK install, or use cpu/cuda)."""
+    try:
+        import poptorch
+    except ImportError as err:
+        raise PoplarSDKMissingError(POPLAR_SDK_MESSAGE) from err
+    return poptorch
+
+
+def under_poprun(environ: Mapping[str, str] | None = None) -> bool:
+    """True when this process was launched by ``poprun`` (it exports POPDIST_* variables to every instance)."""
+    env = os.environ if environ is None else environ
+    return any(k.startswith("POPDIST_") for k in env)
+
+
+def popdist_rank_and_size(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(instance index, number of instances) from OpenMPI's variables set by poprun's mpirun; (0, 1) otherwise."""
+    env = os.environ if environ is None else environ
+    return int(env.get("OMPI_COMM_WORLD_RANK", 0)), int(env.get("OMPI_COMM_WORLD_SIZE", 1))
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a poptorch attribute, resolved when applying (e.g. ``Ref('ReductionType.Mean')``)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Build:
+    """A poptorch object to construct when applying: ``poptorch.<cls>(*args)`` then chained ``.<method>(*a)``."""
+
+    cls: str
+    args: tuple = ()
+    chain: tuple[tuple[str, tuple], ...] = ()
+
+
+@dataclass(frozen=True)
+class OptionCall:
+    """``opts.<path>(*args, **kwargs)`` on a poptorch.Options object."""
+
+    path: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def option_calls(plan: ExecutionPlan, *, popdist: bool = False, for_inference: bool = False) -> list[OptionCall]:
+    """The poptorch.Options calls that realise `plan` (pure: no poptorch needed).
+
+    Args:
+        plan: the execution plan (``plan.replicas`` is the total replica count).
+        popdist: the Options object comes from ``popdist.poptorch.Options`` (poprun sets the replica count, and
+            ``replicationFactor`` must not be called).
+        for_inference: options for an inference model (no Training.* calls, outputs of every batch).
+    """
+    calls: list[OptionCall] = []
+    if not popdist:
+        calls.append(OptionCall("replicationFactor", (plan.replicas,)))
+    calls.append(OptionCall("deviceIterations", (plan.device_iterations,)))
+    # A replica needs a power-of-two IPU partition; round up rather than fail for e.g. 3-stage pipelines.
+    calls.append(OptionCall("autoRoundNumIPUs", (True,)))
+    if plan.training and not for_inference:
+        calls.append(OptionCall("Training.gradientAccumulation", (plan.gradient_accumulation,)))
+        # Mean over micro-batches and replicas so the learning rate does not depend on how the global batch is split.
+        calls.append(OptionCall("Training.accumulationAndReplicationReductionType", (Ref("ReductionType.Mean"),)))
+        if plan.loss_scaling.auto:
+            calls.append(OptionCall("Training.setAutomaticLossScaling", (True,)))
+    # Training returns the loss of every micro-batch so the host can log the mean; inference needs every output.
+    calls.append(OptionCall("outputMode", (Ref("OutputMode.All"),)))
+    calls.append(
+        OptionCall(
+            "setAvailableMemoryProportion",
+            ({f"IPU{i}": float(p) for i, p in enumerate(plan.available_memory_proportion)},),
+        )
+    )
+    calls.append(OptionCall("Precision.enableStochasticRounding", (bool(plan.stochastic_rounding),)))
+    calls.append(OptionCall("Precision.setPartialsType", (plan.precision.partials_dtype,)))
+    if plan.executable_cache_dir:
+        calls.append(OptionCall("enableExecutableCaching", (str(plan.executable_cache_dir),)))
+    if plan.ipu_model:
+        calls.append(OptionCall("useIpuModel", (True,)))
+    calls.append(OptionCall("randomSeed", (int(plan.seed),)))
+    if plan.training and not for_inference and (plan.optimizer_state_offchip or plan.replicated_tensor_sharding):
+        location = Build(
+            "TensorLocationSettings",
+            chain=(
+                ("useOnChipStorage", (not plan.optimizer_state_offchip,)),
+                ("useReplicatedTensorSharding", (bool(plan.replicated_tensor_sharding),)),
+            ),
+        )
+        calls.append(OptionCall("TensorLocations.setOptimizerLocation", (location,)))
+    if plan.pipelined:
+        # Stage ids follow BeginBlock order; AutoIncrement also allows two stages on one IPU in the future.
+        calls.append(
+            OptionCall("setExecutionStrategy", (Build("PipelinedExecution", (Ref("AutoStage.AutoIncrement"),)),))
+        )
+    if plan.training and not for_inference and plan.recompute != "none":
+        if plan.pipelined:
+            # Recompute each pipeline stage's forward in its backward; recomputationCheckpoint outputs are kept.
+            calls.append(OptionCall("_Popart.set", ("autoRecomputation", RECOMPUTE_PIPELINE)))
+        else:
+            calls.append(OptionCall("_Popart.set", ("explicitRecomputation", True)))
+            mode = RECOMPUTE_STANDARD if plan.recompute == "auto" else RECOMPUTE_ALL
+            calls.append(OptionCall("_Popart.set", ("autoRecomputation", mode)))
+    return calls
+
+
+def _resolve_attr(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve_arg(value: Any, poptorch: Any) -> Any:
+    if isinstance(value, Ref):
+        return _resolve_attr(poptorch, value.path)
+    if isinstance(value, Build):
+        obj = _resolve_attr(poptorch, value.cls)(*[_resolve_arg(a, poptorch) for a in value.args])
+        for method, margs in value.chain:
+            # TensorLocationSettings methods return self, so chaining keeps the same object.
+            obj = getattr(obj, method)(*[_resolve_arg(a, poptorch) for a in margs])
+        return obj
+    if isinstance(value, dict):
+        return {k: _resolve_arg(v, poptorch) for k, v in value.items()}
+    return value
+
+
+def apply_option_calls(opts: Any, calls: Iterable[OptionCall], poptorch: Any) -> Any:
+    """Apply `calls` to `opts` (a poptorch.Options or a recorder), resolving `Ref` / `Build` against `poptorch`."""
+    for call in calls:
+        fn = _resolve_attr(opts, call.path)
+        fn(*[_resolve_arg(a, poptorch) for a in call.args], **{k: _resolve_arg(v, poptorch) for k, v in
+                                                                call.kwargs.items()})
+    return opts
+
+
+def create_options(plan: ExecutionPlan, *, for_inference: bool = False, poptorch: Any = None,
+                   popdist_module: Any = None) -> Any:
+    """A configured ``poptorch.Options`` (or ``popdist.poptorch.Options`` under poprun) for `plan`."""
+    poptorch = poptorch or import_poptorch()
+    use_popdist = under_poprun()
+    if use_popdist:
+        if popdist_module is None:
+            try:
+                import popdist
+                import popdist.poptorch  # noqa: F401  (registers the submodule)
+            except ImportError as err:
+                raise PoplarSDKMissingError(
+                    "launched by poprun (POPDIST_* set) but popdist is not importable: install the popdist wheel "
+                    "from the Poplar SDK"
+                ) from err
+            popdist_module = popdist
+        popdist_module.init()
+        total = int(popdist_module.getNumTotalReplicas())
+        if total != plan.replicas:
+            raise ValueError(
+                f"poprun runs {total} replicas but execution.replicas={plan.replicas}; make them equal "
+                f"(poprun --num-replicas={plan.replicas}) so the global batch is what the config says"
+            )
+        opts = popdist_module.poptorch.Options(ipus_per_replica=plan.ipus_per_replica)
+    else:
+        opts = poptorch.Options()
+    return apply_option_calls(opts, option_calls(plan, popdist=use_popdist, for_inference=for_inference), poptorch)
+
+
+def annotate_model(model: nn.Module, plan: ExecutionPlan, poptorch: Any = None) -> list[Any]:
+    """Mark pipeline stages with ``poptorch.BeginBlock`` and recomputation checkpoints with forward hooks that wrap
+    the module's output in ``poptorch.recomputationCheckpoint``. Returns the hook handles (for removal).
+
+    The model must follow the MODEL CONTRACT; stage starts and checkpoints are module names such as 'blocks.7'.
+    """
+    poptorch = poptorch or import_poptorch()
+    if plan.pipelined:
+        for k, stage in enumerate(plan.stages):
+            poptorch.BeginBlock(model.get_submodule(stage.start), f"stage{k}", stage.ipu)
+    handles = []
+    if plan.training and plan.recompute != "none":
+        last_units = {s.units[-1] for s in plan.stages}
+        for name in plan.recompute_checkpoints:
+            if name in last_units:
+                # A stage's output is stashed for the next stage anyway; a checkpoint there adds nothing.
+                continue
+
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+                return poptorch.recomputationCheckpoint(output)
+
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+    return handles
+
+
+class TrainingModelWithLoss(nn.Module):
+    """The module handed to ``poptorch.trainingModel``: forward(images, targets) -> (loss, logits).
+
+    PopTorch builds backward from ``poptorch.identity_loss``. Images are cast to the compute dtype inside the graph;
+    the loss is computed in fp32 for stability in 16.x precisions.
+    """
+
+    def __init__(self, model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 compute_dtype: torch.dtype = torch.float32, poptorch: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.compute_dtype = compute_dtype
+        self._poptorch = poptorch
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(images.to(self.compute_dtype))
+        loss = self.criterion(logits.float(), targets)
+        poptorch = self._poptorch or import_poptorch()
+        return poptorch.identity_loss(loss, reduction="mean"), logits
+
+
+def cast_model_for_precision(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
+    """Half-cast the model for 16.x precisions (weights live in fp16 on the IPU; the optimizer's accum_type keeps
+    fp32 accumulators / state for 16.32). Returns the same module."""
+    if plan.precision.compute_dtype == torch.float16:
+        model.half()
+    return model
+
+
+_OPTIM_CLASSES = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW"}
+
+
+def optimizer_spec(name: str, hparams: Mapping[str, Any], plan: ExecutionPlan) -> tuple[str, dict[str, Any]]:
+    """``(poptorch.optim class name, keyword arguments)`` for an optimizer (pure; tested without poptorch).
+
+    Args:
+        name: 'sgd' | 'rmsprop' | 'adamw'.
+        hparams: lr, weight_decay, momentum, nesterov (SGD), alpha, eps (RMSprop), betas, eps (AdamW);
+            missing keys fall back to the PyTorch defaults.
+        plan: gives the loss scaling and accumulator dtype (fp16 only for 16.16).
+    """
+    key = name.lower()
+    if key not in _OPTIM_CLASSES:
+        raise ValueError(f"optimizer {name!r} has no PopTorch mapping here; use one of {', '.join(_OPTIM_CLASSES)}")
+    accum = plan.precision.accum_dtype
+    kw: dict[str, Any] = {
+        "lr": float(hparams["lr"]),
+        "weight_decay": float(hparams.get("weight_decay", 0.0)),
+        # With automatic loss scaling PopART starts from this value and adapts it.
+        "loss_scaling": float(plan.loss_scaling.value),
+        "accum_type": accum,
+    }
+    if key == "sgd":
+        kw.update(
+            momentum=float(hparams.get("momentum", 0.0)),
+            nesterov=bool(hparams.get("nesterov", False)),
+            velocity_accum_type=accum,
+        )
+    elif key == "rmsprop":
+        kw.update(
+            alpha=float(hparams.get("alpha", 0.99)),
+            eps=float(hparams.get("eps", 1e-8)),
+            momentum=float(hparams.get("momentum", 0.0)),
+            first_order_momentum_accum_type=accum,
+            second_order_momentum_accum_type=accum,
+        )
+    else:
+        kw.update(
+            betas=tuple(hparams.get("betas", (0.9, 0.999))),
+            eps=float(hparams.get("eps", 1e-8)),
+            first_order_momentum_accum_type=accum,
+            second_order_momentum_accum_type=accum,
+        )
+    return _OPTIM_CLASSES[key], kw
+
+
+def create_optimizer(params: Any, name: str, hparams: Mapping[str, Any], plan: ExecutionPlan,
+                     poptorch: Any = None) -> Any:
+    """A ``poptorch.optim`` optimizer over `params` (a parameter list or param groups)."""
+    poptorch = poptorch or import_poptorch()
+    cls_name, kw = optimizer_spec(name, hparams, plan)
+    return getattr(poptorch.optim, cls_name)(params, **kw)
+
+
+def create_dataloader(options: Any, dataset: Any, plan: ExecutionPlan, *, shuffle: bool = True, num_workers: int = 0,
+                      poptorch: Any = None, **kwargs: Any) -> Any:
+    """``poptorch.DataLoader`` with batch_size = micro-batch (PopTorch multiplies by device iterations, replicas and
+    accumulation itself) and asynchronous host-side loading."""
+    poptorch = poptorch or import_poptorch()
+    return poptorch.DataLoader(
+        options,
+        dataset,
+        batch_size=plan.micro_batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=True,
+        mode=poptorch.DataLoaderMode.Async,
+        **kwargs,
+    )

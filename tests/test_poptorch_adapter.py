@@ -1,0 +1,285 @@
+"""PopTorch adapter: pure option/optimizer translation, applied to a recorder; real-poptorch tests marked `ipu`."""
+
+import enum
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from ipu_norm.ipu import poptorch_adapter as pa
+from ipu_norm.ipu.plan import build_plan
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_blocks: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(num_blocks)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+        self.default_cfg = {"train_size": 8, "test_size": 8, "num_classes": 10, "norm": "none", "family": "tiny"}
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class Recorder:
+    """Stands in for poptorch.Options (and its sub-objects): records every dotted call, returns itself."""
+
+    def __init__(self, log: list, path: str = "") -> None:
+        self._log, self._path = log, path
+
+    def __getattr__(self, name: str) -> "Recorder":
+        return Recorder(self._log, f"{self._path}.{name}" if self._path else name)
+
+    def __call__(self, *args, **kwargs) -> "Recorder":
+        self._log.append((self._path, args, kwargs))
+        return self
+
+
+class FakeEnum(enum.IntEnum):
+    Mean = 1
+    All = 2
+    AutoIncrement = 11
+    Async = 21
+
+
+def fake_poptorch(log: list) -> types.SimpleNamespace:
+    """A poptorch stand-in with the attributes the adapter resolves; constructors record their arguments."""
+
+    class TensorLocationSettings:
+        def __init__(self) -> None:
+            self.settings: dict = {}
+
+        def useOnChipStorage(self, use=True):  # noqa: N802 (poptorch's name)
+            self.settings["onChip"] = use
+            return self
+
+        def useReplicatedTensorSharding(self, use=True):  # noqa: N802
+            self.settings["rts"] = use
+            return self
+
+    def begin_block(module, user_id=None, ipu_id=None):
+        log.append(("BeginBlock", module, user_id, ipu_id))
+        return module
+
+    def checkpoint(*tensors):
+        log.append(("recomputationCheckpoint", tuple(t.shape for t in tensors)))
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def identity_loss(x, reduction):
+        log.append(("identity_loss", reduction))
+        return x
+
+    def optim_cls(name):
+        def make(params, **kw):
+            log.append((f"optim.{name}", kw))
+            return (name, list(params), kw)
+
+        return make
+
+    return types.SimpleNamespace(
+        Options=lambda: Recorder(log),
+        ReductionType=types.SimpleNamespace(Mean=FakeEnum.Mean),
+        OutputMode=types.SimpleNamespace(All=FakeEnum.All),
+        AutoStage=types.SimpleNamespace(AutoIncrement=FakeEnum.AutoIncrement),
+        DataLoaderMode=types.SimpleNamespace(Async=FakeEnum.Async),
+        PipelinedExecution=lambda *a: ("PipelinedExecution", a),
+        TensorLocationSettings=TensorLocationSettings,
+        BeginBlock=begin_block,
+        recomputationCheckpoint=checkpoint,
+        identity_loss=identity_loss,
+        optim=types.SimpleNamespace(SGD=optim_cls("SGD"), RMSprop=optim_cls("RMSprop"), AdamW=optim_cls("AdamW")),
+        DataLoader=lambda *a, **kw: ("DataLoader", a, kw),
+    )
+
+
+def make_plan(**execution):
+    ex = {"device": "ipu", "replicas": 4, "device_iterations": 10, "pipeline_splits": ["blocks.2"],
+          "precision": "16.16", "loss_scaling": "auto", "available_memory_proportion": [0.3, 0.5],
+          "stochastic_rounding": True, "optimizer_state_offchip": True, "replicated_tensor_sharding": True,
+          "recompute": "checkpoints", "recompute_checkpoints": ["blocks.0", "blocks.1", "blocks.3"],
+          "executable_cache_dir": "/tmp/cache", "ipu_model": True, **execution}
+    return build_plan(ex, TinyNet(), {"micro_batch_size": 2, "global_batch_size": 64, "seed": 7})
+
+
+def calls_by_path(calls):
+    return {c.path: c for c in calls}
+
+
+def test_option_calls_pure() -> None:
+    plan = make_plan()
+    calls = pa.option_calls(plan)
+    by = calls_by_path(calls)
+    assert by["replicationFactor"].args == (4,)
+    assert by["deviceIterations"].args == (10,)
+    assert by["Training.gradientAccumulation"].args == (64 // (2 * 4),)
+    assert by["Training.accumulationAndReplicationReductionType"].args == (pa.Ref("ReductionType.Mean"),)
+    assert by["Training.setAutomaticLossScaling"].args == (True,)
+    assert by["outputMode"].args == (pa.Ref("OutputMode.All"),)
+    assert by["setAvailableMemoryProportion"].args == ({"IPU0": 0.3, "IPU1": 0.5},)
+    assert by["Precision.enableStochasticRounding"].args == (True,)
+    assert by["Precision.setPartialsType"].args == (torch.float16,)
+    assert by["enableExecutableCaching"].args == ("/tmp/cache",)
+    assert by["useIpuModel"].args == (True,)
+    assert by["randomSeed"].args == (7,)
+    loc = by["TensorLocations.setOptimizerLocation"].args[0]
+    assert loc == pa.Build("TensorLocationSettings", chain=(("useOnChipStorage", (False,)),
+                                                            ("useReplicatedTensorSharding", (True,))))
+    assert by["setExecutionStrategy"].args == (pa.Build("PipelinedExecution", (pa.Ref("AutoStage.AutoIncrement"),)),)
+    assert ("_Popart.set", ("autoRecomputation", pa.RECOMPUTE_PIPELINE)) in [(c.path, c.args) for c in calls]
+
+
+def test_option_calls_single_ipu_fp32_inference_popdist() -> None:
+    plan = build_plan({"device": "ipu", "precision": "32.32", "recompute": "auto"}, TinyNet(),
+                      {"micro_batch_size": 4, "global_batch_size": 8})
+    paths = [c.path for c in pa.option_calls(plan)]
+    assert "setExecutionStrategy" not in paths and "Training.setAutomaticLossScaling" not in paths
+    assert "TensorLocations.setOptimizerLocation" not in paths
+    sets = [c.args for c in pa.option_calls(plan) if c.path == "_Popart.set"]
+    assert sets == [("explicitRecomputation", True), ("autoRecomputation", pa.RECOMPUTE_STANDARD)]
+    assert calls_by_path(pa.option_calls(plan))["Precision.setPartialsType"].args == (torch.float32,)
+    inf = [c.path for c in pa.option_calls(plan, popdist=True, for_inference=True)]
+    assert "replicationFactor" not in inf  # poprun owns the replica count
+    assert not any(p.startswith("Training.") for p in inf) and "_Popart.set" not in inf
+
+
+def test_apply_resolves_refs_and_builds() -> None:
+    log: list = []
+    fake = fake_poptorch(log)
+    pa.apply_option_calls(fake.Options(), pa.option_calls(make_plan()), fake)
+    rec = {path: args for path, args, _ in log}
+    assert rec["Training.accumulationAndReplicationReductionType"] == (FakeEnum.Mean,)
+    assert rec["setExecutionStrategy"] == (("PipelinedExecution", (FakeEnum.AutoIncrement,)),)
+    (loc,) = rec["TensorLocations.setOptimizerLocation"]
+    assert loc.settings == {"onChip": False, "rts": True}
+    assert rec["setAvailableMemoryProportion"] == ({"IPU0": 0.3, "IPU1": 0.5},)
+
+
+def test_create_options_under_poprun(monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list = []
+    fake = fake_poptorch(log)
+    inits = []
+    popdist = types.SimpleNamespace(
+        init=lambda: inits.append(1),
+        getNumTotalReplicas=lambda: 4,
+        poptorch=types.SimpleNamespace(Options=lambda ipus_per_replica: log.append(("popdist.Options",
+                                                                                    ipus_per_replica)) or
+                                       Recorder(log)),
+    )
+    monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "4")
+    monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "2")
+    pa.create_options(make_plan(), poptorch=fake, popdist_module=popdist)
+    assert inits == [1] and ("popdist.Options", 2) in log
+    assert not any(entry[0] == "replicationFactor" for entry in log)
+    bad = types.SimpleNamespace(**{**vars(popdist), "getNumTotalReplicas": lambda: 8})
+    with pytest.raises(ValueError, match="poprun runs 8 replicas but execution.replicas=4"):
+        pa.create_options(make_plan(), poptorch=fake, popdist_module=bad)
+
+
+def test_poprun_detection() -> None:
+    assert pa.under_poprun({"POPDIST_NUM_TOTAL_REPLICAS": "8"})
+    assert not pa.under_poprun({"OMPI_COMM_WORLD_RANK": "0"})
+    assert pa.popdist_rank_and_size({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}) == (1, 2)
+
+
+def test_annotate_model_blocks_and_checkpoints() -> None:
+    log: list = []
+    fake = fake_poptorch(log)
+    model = TinyNet()
+    plan = make_plan()
+    handles = pa.annotate_model(model, plan, fake)
+    blocks = [e for e in log if e[0] == "BeginBlock"]
+    assert [(m, uid, ipu) for _, m, uid, ipu in blocks] == [(model.stem, "stage0", 0), (model.blocks[2], "stage1", 1)]
+    # blocks.1 ends stage 0 (its output is the stage output): no checkpoint there; blocks.0 and blocks.3 get one.
+    assert len(handles) == 2
+    log.clear()
+    model(torch.randn(1, 3, 8, 8))
+    assert [e for e in log if e[0] == "recomputationCheckpoint"] == [("recomputationCheckpoint", ((1, 4, 8, 8),))] * 2
+
+
+def test_training_wrapper_and_precision_cast() -> None:
+    log: list = []
+    fake = fake_poptorch(log)
+    model = TinyNet()
+    wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=fake)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    loss, logits = wrapped(x, y)
+    assert torch.allclose(loss, nn.functional.cross_entropy(model(x), y))
+    assert ("identity_loss", "mean") in log
+    plan = make_plan()
+    pa.cast_model_for_precision(model, plan)
+    assert next(model.parameters()).dtype == torch.float16
+
+
+# Parameter names of the SDK 3.x poptorch.optim constructors (python/optim.py) that the adapter may pass.
+POPTORCH_OPTIM_PARAMS = {
+    "SGD": {"lr", "momentum", "dampening", "weight_decay", "nesterov", "loss_scaling", "velocity_scaling",
+            "use_combined_accum", "accum_type", "velocity_accum_type", "max_grad_norm"},
+    "RMSprop": {"lr", "alpha", "eps", "weight_decay", "momentum", "centered", "loss_scaling", "accum_type",
+                "first_order_momentum_accum_type", "second_order_momentum_accum_type", "use_tf_variant"},
+    "AdamW": {"lr", "betas", "eps", "weight_decay", "amsgrad", "loss_scaling", "bias_correction", "accum_type",
+              "first_order_momentum_accum_type", "second_order_momentum_accum_type", "max_grad_norm"},
+}
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw"])
+def test_optimizer_spec(name: str) -> None:
+    plan = make_plan()
+    cls, kw = pa.optimizer_spec(name, {"lr": 0.1, "weight_decay": 1e-5, "momentum": 0.9, "nesterov": True}, plan)
+    assert set(kw) <= POPTORCH_OPTIM_PARAMS[cls]
+    assert kw["accum_type"] == torch.float16  # 16.16
+    assert kw["loss_scaling"] == plan.loss_scaling.value
+    fp32 = make_plan(precision="16.32")
+    assert pa.optimizer_spec(name, {"lr": 0.1}, fp32)[1]["accum_type"] == torch.float32
+    log: list = []
+    out = pa.create_optimizer([nn.Parameter(torch.zeros(1))], name, {"lr": 0.1}, plan, poptorch=fake_poptorch(log))
+    assert out[0] == cls
+    with pytest.raises(ValueError, match="no PopTorch mapping"):
+        pa.optimizer_spec("lamb_x", {"lr": 1.0}, plan)
+
+
+def test_dataloader_call() -> None:
+    log: list = []
+    fake = fake_poptorch(log)
+    _, args, kw = pa.create_dataloader("OPTS", [1, 2, 3], make_plan(), poptorch=fake)
+    assert args == ("OPTS", [1, 2, 3]) and kw["batch_size"] == 2 and kw["mode"] == FakeEnum.Async
+
+
+def test_missing_sdk_message() -> None:
+    try:
+        import poptorch  # noqa: F401
+
+        pytest.skip("poptorch is installed")
+    except ImportError:
+        pass
+    with pytest.raises(pa.PoplarSDKMissingError, match=r"Poplar SDK.*not on PyPI.*device: cpu or cuda"):
+        pa.import_poptorch()
+
+
+@pytest.mark.ipu
+def test_real_poptorch_options_accept_calls() -> None:
+    import poptorch
+
+    plan = make_plan()
+    opts = pa.create_options(plan)
+    assert isinstance(opts, poptorch.Options)
+    d = opts.toDict()
+    assert d["replication_factor"] == 4 and d["device_iterations"] == 10
+
+
+@pytest.mark.ipu
+def test_real_poptorch_one_step_ipu_model() -> None:
+    import poptorch
+
+    plan = build_plan({"device": "ipu", "ipu_model": True, "precision": "32.32"}, TinyNet(),
+                      {"micro_batch_size": 2, "global_batch_size": 4})
+    model = TinyNet()
+    opts = pa.create_options(plan)
+    wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss())
+    opt = pa.create_optimizer(model.parameters(), "sgd", {"lr": 0.1}, plan)
+    tm = poptorch.trainingModel(wrapped, opts, opt)
+    loss, _ = tm(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    assert torch.isfinite(loss).all()
+    tm.detachFromDevice()
