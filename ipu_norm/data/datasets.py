@@ -240,6 +240,7 @@ def build_dataset(
     digits_image_size: int | None = None,
     digits_val_fraction: float = 0.2,
     digits_split_seed: int = 0,
+    digits_limit_per_class: int | None = None,
 ) -> Dataset:
     """Build a dataset by name.
 
@@ -271,6 +272,7 @@ def build_dataset(
             then resize to ``image_size`` / ``test_size``.
         digits_val_fraction: val share of each class for 'digits'.
         digits_split_seed: random state of the digits train/val split.
+        digits_limit_per_class: export only the first N digits of each class (fast tests, smoke runs).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -304,8 +306,14 @@ def build_dataset(
             cache = Path(root).expanduser()
         else:
             cache = default_digits_cache_dir(export_size, digits_val_fraction, digits_split_seed)
+            if digits_limit_per_class is not None:
+                cache = cache.with_name(f"{cache.name}_limit{digits_limit_per_class}")
         train_dir, val_dir = export_digits_imagefolder(
-            cache, image_size=export_size, val_fraction=digits_val_fraction, seed=digits_split_seed
+            cache,
+            image_size=export_size,
+            val_fraction=digits_val_fraction,
+            seed=digits_split_seed,
+            limit_per_class=digits_limit_per_class,
         )
         transform = build_digits_train_transform(image_size) if train else build_digits_eval_transform(test_size)
         ds = SafeImageFolder(train_dir if train else val_dir, transform=transform, seed=seed, verify=verify)

@@ -37,8 +37,9 @@ def cutmix_box(
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy = int(torch.randint(height, (), generator=generator))
     cx = int(torch.randint(width, (), generator=generator))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    # Unclipped the box is exactly cut_h x cut_w: half rounded down before the centre, up after it.
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
     return y0, y1, x0, x1
 
 
