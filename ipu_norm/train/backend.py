@@ -1,0 +1,277 @@
+"""The device-specific part of training behind one small interface, and its CPU/CUDA implementation.
+
+The trainer (``trainer.py``) is device independent: it builds the model, optimizer, schedule and data,
+then hands every optimizer step to a ``Backend``:
+
+- ``prepare(model, optimizer, plan, spec)`` once: move/wrap the model (DDP, torch.compile, PopTorch ...).
+  ``plan`` is the ``ipu_norm.ipu.plan.ExecutionPlan`` (batch arithmetic, precision, stages ...);
+  ``spec`` (``TrainSpec``) carries the loss and the Adaptive Gradient Clipping setting.
+- ``train_step(micro_batches) -> StepResult`` for ONE optimizer step: ``micro_batches`` is the list of
+  ``(images, targets)`` this process contributes to the step (``plan.gradient_accumulation`` of them,
+  ``plan.micro_batch_size`` samples each; targets are class indices or soft targets). A backend that
+  feeds the device whole steps (PopTorch) may ``torch.cat`` them.
+- ``eval_step(images, model=None) -> logits`` (``model`` defaults to the trained model; the trainer passes
+  the EMA copy to evaluate it).
+- ``sync_to_host()``: make the host ``nn.Module`` hold the current weights (no-op on CPU/CUDA; PopTorch
+  copies weights from the IPU). The trainer calls it before EMA updates, evaluation and checkpoints.
+- ``lr_changed()``: the optimizer's learning rates were changed by the schedule (PopTorch must push them
+  to the device with ``setOptimizer``; no-op on CPU/CUDA).
+- ``state_dict()`` / ``load_state_dict()``: backend state that must survive a resume (the GradScaler).
+- ``close()``: release the device.
+
+``device: ipu`` is served by ``ipu_norm.ipu`` (the IPU package), which must provide
+``create_backend(cfg, dist) -> Backend``; ``get_backend`` fails at start with a clear message when that
+package or Graphcore's Poplar SDK (poptorch) is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ipu_norm.train.distributed import DistInfo
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Outcome of one optimizer step on this process."""
+
+    loss: float  # mean training loss over this process's micro-batches of the step
+    samples: int  # samples this process consumed in the step
+    skipped: bool = False  # the GradScaler skipped the update (inf/nan gradients)
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    """What a backend needs beyond model/optimizer/plan to run a training step."""
+
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    agc_clip: float | None = None  # Adaptive Gradient Clipping factor; None = off
+    agc_eps: float = 1e-3
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs training/evaluation steps of one model on one kind of device (see module docstring)."""
+
+    name: str
+    device: torch.device
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Any, spec: TrainSpec) -> None: ...
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult: ...
+
+    def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor: ...
+
+    def sync_to_host(self) -> None: ...
+
+    def lr_changed(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+IPU_MISSING_HELP = (
+    "execution.device='ipu' needs Graphcore's Poplar SDK: install it and the poptorch wheel it ships into this "
+    "environment (poptorch is not on PyPI) and enable the SDK (source <sdk>/enable). To train without IPUs use "
+    "--device cpu or --device cuda (torchrun --nproc_per_node=N run_train.py ... for several GPUs)."
+)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'ipu' when poptorch imports, else 'cuda' when available, else 'cpu'; others unchanged."""
+    if device != "auto":
+        return device
+    with contextlib.suppress(ImportError):
+        import poptorch  # noqa: F401
+
+        return "ipu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_backend(cfg: Any, dist: DistInfo) -> Backend:
+    """The backend for ``cfg.execution.device`` (already resolved, not 'auto')."""
+    device = cfg.execution.device
+    if device == "ipu":
+        try:
+            import poptorch  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(f"poptorch is not importable ({exc}). {IPU_MISSING_HELP}") from None
+        try:
+            from ipu_norm import ipu as ipu_pkg
+        except ImportError as exc:
+            raise RuntimeError(f"the IPU package ipu_norm.ipu failed to import ({exc}). {IPU_MISSING_HELP}") from exc
+        create = getattr(ipu_pkg, "create_backend", None)
+        if create is None:
+            raise RuntimeError(
+                "ipu_norm.ipu provides no create_backend(cfg, dist): the IPU backend is not available in this "
+                "checkout. Use --device cpu or --device cuda."
+            )
+        return create(cfg, dist)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("execution.device='cuda' but torch.cuda.is_available() is False; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown execution.device {device!r}")
+    return TorchBackend(device, dist)
+
+
+class TorchBackend:
+    """CPU / CUDA backend: micro-batches with gradient accumulation, DDP, autocast + GradScaler, AGC.
+
+    One ``train_step``: for each micro-batch, forward + ``loss / n_micro`` backward (under DDP ``no_sync``
+    except the last, so gradients are all-reduced once per step); then ``GradScaler.unscale_`` (fp16),
+    Adaptive Gradient Clipping on the fully accumulated, all-reduced, unscaled gradients, and the optimizer
+    step. Losses are divided by the number of micro-batches so the update is that of the mean loss over the
+    step's samples on all processes (DDP averages across processes).
+    """
+
+    def __init__(self, device: str, dist: DistInfo) -> None:
+        self.name = device
+        self.dist = dist
+        if device == "cuda":
+            self.device = torch.device("cuda", dist.local_rank if dist.enabled else torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.model: nn.Module | None = None  # the host module (unwrapped)
+        self.train_model: nn.Module | None = None  # what forward runs (DDP / compiled)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.autocast_dtype: torch.dtype | None = None
+        self.spec: TrainSpec | None = None
+        self.agc_params: list[nn.Parameter] = []
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Any, spec: TrainSpec) -> None:
+        """Move the model to the device, pick autocast/GradScaler from the precision, wrap in DDP."""
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.spec = spec
+        precision = plan.precision.name if hasattr(plan.precision, "name") else str(plan.precision)
+        self.autocast_dtype, use_scaler = _amp_settings(precision, self.device.type)
+        if use_scaler:
+            self.scaler = torch.amp.GradScaler("cuda")
+        if spec.agc_clip is not None:
+            from ipu_norm.optim.agc import agc_parameters
+
+            # Selected on the bare model (classifier excluded by module, REFERENCE.md), before any wrapping.
+            self.agc_params = list(agc_parameters(model))
+        train_model: nn.Module = model
+        if getattr(plan, "compile", False):
+            train_model = torch.compile(train_model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DDP(train_model, device_ids=ids)
+        self.train_model = train_model
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult:
+        """One optimizer step over this process's micro-batches (see class docstring)."""
+        assert self.train_model is not None and self.optimizer is not None and self.spec is not None
+        model, opt, n = self.train_model, self.optimizer, len(micro_batches)
+        if n == 0:
+            raise ValueError("train_step needs at least one micro-batch")
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=self.device)
+        samples = 0
+        for i, (images, targets) in enumerate(micro_batches):
+            images, targets = self._to_device(images), self._to_device(targets)
+            last = i == n - 1
+            # DDP: all-reduce only on the last micro-batch's backward (gradients accumulate locally before).
+            sync_ctx = model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                with self._autocast():
+                    logits = model(images)
+                    loss = self.spec.criterion(logits.float(), targets)
+                scaled = loss / n
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            total_loss += loss.detach()
+            samples += images.shape[0]
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if self.spec.agc_clip is not None:
+            from ipu_norm.optim.agc import adaptive_clip_grad_
+
+            # Once per optimizer step, on the accumulated, all-reduced, unscaled gradients, before the step
+            # (which applies weight decay and momentum).
+            adaptive_clip_grad_(self.agc_params, self.spec.agc_clip, eps=self.spec.agc_eps)
+        skipped = False
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(opt)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            opt.step()
+        return StepResult(loss=float(total_loss / n), samples=samples, skipped=skipped)
+
+    @torch.no_grad()
+    def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Logits (fp32) of ``model`` (default: the trained model) in eval mode."""
+        module = model if model is not None else self.model
+        assert module is not None
+        was_training = module.training
+        module.eval()
+        with self._autocast():
+            logits = module(self._to_device(images))
+        module.train(was_training)
+        return logits.float()
+
+    def sync_to_host(self) -> None:
+        """Weights already live in the host module on CPU/CUDA."""
+
+    def lr_changed(self) -> None:
+        """The optimizer object itself is used on CPU/CUDA: nothing to push."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """GradScaler state (empty when no scaler)."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def close(self) -> None:
+        """Nothing to release on CPU/CUDA."""
+
+
+def _amp_settings(precision: str, device_type: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler) for a precision string on a torch device type."""
+    if precision == "32.32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if precision in ("16.32", "16.16"):
+        if device_type == "cuda":
+            # PyTorch AMP keeps fp32 master weights in both cases; 16.16's fp16 accumulators are IPU-only.
+            return torch.float16, True
+        raise ValueError(
+            f"execution.precision={precision!r} (fp16) needs a CUDA GPU or an IPU; on CPU use '32.32' or 'bf16'"
+        )
+    raise ValueError(f"unknown execution.precision {precision!r}")

@@ -1,0 +1,155 @@
+"""Checkpoints: atomic writes, keep-last-K, finding the latest good one, and RNG state capture/restore.
+
+A checkpoint holds only tensors and primitive containers so that it loads with
+``torch.load(weights_only=True)`` (no arbitrary code runs when a checkpoint is read):
+model / optimizer / scheduler / EMA / backend (GradScaler) state dicts, every rank's RNG states (python,
+numpy, torch, cuda), the data position (epoch, micro-batches consumed in the epoch, optimizer step) and the
+resolved config as a plain dict.
+
+Writes are atomic: the file is written to a temporary name in the same directory, flushed and fsync'ed,
+then ``os.replace``'d onto its final name (and the directory fsync'ed), so a crash leaves either the old
+set of checkpoints or the new one, never a half-written file under a checkpoint name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+_NAME_RE = re.compile(r"^ckpt_step(\d+)\.pt$")
+REQUIRED_KEYS = ("format", "model", "optimizer", "progress")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or lacks required entries."""
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint written after optimizer step ``step``."""
+    return f"ckpt_step{step:09d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files in ``directory``, oldest (lowest step) first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME_RE.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not all platforms allow opening a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step`` and delete all but the newest ``keep``."""
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    path = atomic_torch_save(state, Path(directory) / checkpoint_name(step))
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` on CPU; raises ``CheckpointError`` if unreadable/incomplete."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # truncated zip, bad pickle, disallowed global ...: all mean "not usable"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (top level is {type(state).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {state['format']} (this version reads {CHECKPOINT_FORMAT})")
+    return state
+
+
+def load_latest_good(
+    directory: str | Path, report: Callable[[str], None] = print
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads; corrupt/truncated ones are reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            report(f"WARNING: skipping bad checkpoint: {exc}; trying the previous one")
+    return None
+
+
+# ----------------------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch and CUDA RNG states as tensors / primitive containers."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state(
+        (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

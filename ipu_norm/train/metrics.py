@@ -1,0 +1,80 @@
+"""Training metrics: top-k accuracy and a logger writing JSON lines and CSV into the run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Fixed CSV columns (train and validation rows share one file; missing values stay empty).
+CSV_FIELDS = (
+    "kind",
+    "epoch",
+    "step",
+    "loss",
+    "lr",
+    "img_per_s",
+    "top1",
+    "top5",
+    "ema_top1",
+    "ema_top5",
+    "val_loss",
+    "samples",
+    "time_s",
+)
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of samples whose target class is among the top-k logits, for each k (k capped at #classes)."""
+    if targets.ndim > 1:  # soft targets: the argmax is the class
+        targets = targets.argmax(dim=1)
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
+    hit = top.eq(targets.view(-1, 1))
+    return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+class MetricsLogger:
+    """Appends records to ``metrics.jsonl`` and ``metrics.csv`` (in ``run_dir``); no-op when disabled.
+
+    Appending (not truncating) keeps the history of a run that was resumed.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.csv_path = self.run_dir / "metrics.csv"
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
+                with self.csv_path.open("w", newline="") as f:
+                    csv.writer(f).writerow(CSV_FIELDS)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Write one record (a flat mapping; keys outside CSV_FIELDS go to the JSON line only)."""
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in record.items()}
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        with self.csv_path.open("a", newline="") as f:
+            csv.writer(f).writerow(["" if clean.get(k) is None else clean[k] for k in CSV_FIELDS])
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

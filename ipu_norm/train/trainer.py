@@ -1,0 +1,491 @@
+"""The training loop, independent of the device: data, steps, schedule, EMA, validation, checkpoints.
+
+``train(cfg, resume=...)`` runs one training job as configured (``run_train.py`` calls it) and returns
+the final metrics. Device work goes through a ``Backend`` (``backend.py``); data comes from
+``ipu_norm.data`` (resumable sampler, per-sample seeded augmentation, Mixup/CutMix with its own generator),
+so a run interrupted and resumed reproduces an uninterrupted one on CPU.
+
+One optimizer step consumes ``gradient_accumulation`` micro-batches of ``micro_batch_size`` on each of
+the ``world_size`` processes (torchrun) - the global batch. An epoch is ``floor(micro-batches per
+process / gradient_accumulation)`` steps; the leftover micro-batches of an epoch are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ipu_norm.config.loader import config_to_dict, dump_config
+from ipu_norm.config.schema import Config
+from ipu_norm.train.backend import Backend, TrainSpec, get_backend, resolve_device
+from ipu_norm.train.builders import build_criterion, build_model, build_optimizer, build_scheduler
+from ipu_norm.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    load_latest_good,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ipu_norm.train.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
+from ipu_norm.train.metrics import MetricsLogger, topk_correct
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished ``train`` call reports."""
+
+    global_step: int
+    epoch: int  # epochs completed
+    final_metrics: dict[str, Any]
+    run_dir: Path
+    last_checkpoint: Path | None
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without changing python/numpy/torch(CPU) RNG states (evaluation must not perturb training)."""
+    py, nps = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(nps)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Holds the objects of one run; ``fit()`` trains. Use ``train(cfg)`` unless you need the pieces."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: str | None = None,
+        log: Callable[[str], None] | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        from ipu_norm.data import MixupCutmix, ResumableSampler, build_dataset, build_loader, mix_seed
+        from ipu_norm.ipu.plan import build_plan
+
+        self.cfg = cfg = dataclasses.replace(cfg)  # shallow copy: the device/precision may be resolved below
+        cfg.execution = dataclasses.replace(cfg.execution, device=resolve_device(cfg.execution.device))
+        self.dist: DistInfo = init_distributed(cfg.execution.device)
+        self.is_main = self.dist.is_main
+        self._log = log or (lambda msg: print(msg, flush=True))
+        t, d = cfg.train, cfg.data
+        self.run_dir = Path(t.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        if cfg.execution.device == "cpu" and cfg.execution.precision in ("16.32", "16.16"):
+            self.log(
+                f"NOTE: execution.precision={cfg.execution.precision} is an fp16 IPU/GPU setting; running fp32 "
+                "(32.32) on CPU. Use 'bf16' for reduced precision on CPU."
+            )
+            cfg.execution = dataclasses.replace(cfg.execution, precision="32.32")
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        # ---------------------------------------------------------------- model (same init on every rank)
+        seed_everything(t.seed)
+        self.backend: Backend = backend or get_backend(cfg, self.dist)
+        self.model: nn.Module = build_model(cfg.model)
+        default_cfg = getattr(self.model, "default_cfg", {}) or {}
+        self.train_size = d.train_size or default_cfg.get("train_size") or 224
+        self.test_size = d.test_size or default_cfg.get("test_size") or self.train_size
+
+        # ---------------------------------------------------------------- batch arithmetic / execution plan
+        # On CPU/GPU the data-parallel size is the torchrun world size (execution.replicas is IPU-only).
+        replicas = cfg.execution.replicas if cfg.execution.device == "ipu" else self.dist.world_size
+        if cfg.execution.device != "ipu" and cfg.execution.replicas not in (1, self.dist.world_size):
+            self.log(
+                f"NOTE: execution.replicas={cfg.execution.replicas} applies to IPUs; on {cfg.execution.device} the "
+                f"data-parallel size is the torchrun world size ({self.dist.world_size})"
+            )
+        self.plan = build_plan(dataclasses.replace(cfg.execution, replicas=replicas), self.model, t, seed=t.seed)
+        self.accum = self.plan.gradient_accumulation
+        self.micro = t.micro_batch_size
+        self.global_batch = self.plan.global_batch_size
+        if cfg.execution.device != "ipu" and self.plan.pipelined:
+            self.log("NOTE: pipeline_splits are an IPU feature; the CPU/GPU backend runs the whole model per device")
+
+        # ---------------------------------------------------------------- data
+        if d.dataset == "generated":
+            self.log(
+                "NOTE: using GENERATED data (random images with a weak class pattern; no dataset on disk). "
+                "Accuracy numbers are not meaningful. Set data.dataset: imagefolder and data.root (or --data / "
+                "--data-root) to train on real images."
+            )
+        common = dict(
+            root=d.root,
+            image_size=self.train_size,
+            test_size=self.test_size,
+            num_classes=cfg.model.num_classes,
+            seed=t.seed,
+        )
+        self.train_set = build_dataset(d.dataset, "train", generated_samples=d.generated_samples, **common)
+        self.val_set = build_dataset(d.dataset, "val", generated_samples=d.generated_val_samples, **common)
+        self.sampler = ResumableSampler(
+            len(self.train_set),
+            shuffle=True,
+            seed=t.seed,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+            drop_last=True,
+        )
+        self.train_loader = build_loader(
+            self.train_set,
+            batch_size=self.micro,
+            sampler=self.sampler,
+            num_workers=d.num_workers,
+            drop_last=True,
+            seed=mix_seed(t.seed, 1, self.dist.rank),
+            pin_memory=cfg.execution.device == "cuda",
+        )
+        val_sampler = ResumableSampler(
+            len(self.val_set),
+            shuffle=False,
+            seed=t.seed,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+            drop_last=False,
+        )
+        self.val_loader = build_loader(
+            self.val_set,
+            batch_size=d.val_batch_size or self.micro,
+            sampler=val_sampler,
+            num_workers=d.num_workers,
+            drop_last=False,
+            seed=mix_seed(t.seed, 2, self.dist.rank),
+            pin_memory=cfg.execution.device == "cuda",
+        )
+        self.steps_per_epoch = (self.sampler.num_samples // self.micro) // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set ({len(self.train_set)} samples) is smaller than one global batch "
+                f"({self.global_batch} = micro {self.micro} x accumulation {self.accum} x {replicas} workers); "
+                "use a smaller train.global_batch_size / micro_batch_size or more data"
+            )
+        self.total_steps = t.epochs * self.steps_per_epoch
+
+        # ---------------------------------------------------------------- optimisation
+        criterion, self.soft_targets = build_criterion(cfg)
+        self.mixup = None
+        if self.soft_targets:
+            self.mixup = MixupCutmix(
+                mixup_alpha=t.mixup_alpha,
+                cutmix_alpha=t.cutmix_alpha,
+                label_smoothing=t.label_smoothing,
+                num_classes=cfg.model.num_classes,
+                seed=mix_seed(t.seed, 3, self.dist.rank),
+            )
+        self.model.to(self.backend.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model, self.global_batch)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, t.epochs)
+        spec = TrainSpec(criterion=criterion, agc_clip=cfg.optim.agc_clip, agc_eps=cfg.optim.agc_eps)
+        self.backend.prepare(self.model, self.optimizer, self.plan, spec)
+        self.ema = None
+        if t.ema_decay is not None:
+            from ipu_norm.train.ema import ModelEma
+
+            self.ema = ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup)
+
+        # Training randomness (dropout, stochastic depth) differs per rank; the model init above did not.
+        if self.dist.enabled:
+            torch.manual_seed(mix_seed(t.seed, 4, self.dist.rank))
+
+        # ---------------------------------------------------------------- progress / resume
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of `epoch` this process has consumed
+        self.samples_seen = 0
+        self.last_checkpoint: Path | None = None
+        self._last_saved_step = -1
+        if resume is not None:
+            self._resume(resume)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.log(
+            f"model {cfg.model.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+            f"norm {default_cfg.get('norm', cfg.model.norm)}) on {self.backend.name} | train {self.train_size}px / "
+            f"test {self.test_size}px | {len(self.train_set)} train, {len(self.val_set)} val samples | "
+            f"global batch {self.global_batch} = micro {self.micro} x accum {self.accum} x {replicas} | "
+            f"{self.steps_per_epoch} steps/epoch x {t.epochs} epochs"
+            + (f" (capped at {t.max_steps} steps)" if t.max_steps else "")
+            + f" | lr {self.optimizer.param_groups[0]['initial_lr']:.4g} | run dir {self.run_dir}"
+        )
+        self.log(f"plan: {self.plan.describe()}")
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def log(self, msg: str) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            self._log(msg)
+
+    @property
+    def bare_model(self) -> nn.Module:
+        return self.model
+
+    def _resume(self, resume: str) -> None:
+        if resume == "latest":
+            found = load_latest_good(self.ckpt_dir, report=self.log)
+            if found is None:
+                self.log(f"NOTE: --resume: no usable checkpoint in {self.ckpt_dir}; starting from scratch")
+                return
+            path, state = found
+        else:
+            path = Path(resume)
+            state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.backend.load_state_dict(state.get("backend") or {})
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise CheckpointError(f"{path}: has no EMA state but train.ema_decay is set")
+            self.ema.load_state_dict(state["ema"])
+        progress = state["progress"]
+        self.global_step = int(progress["global_step"])
+        self.epoch = int(progress["epoch"])
+        self.batch_in_epoch = int(progress["batch_in_epoch"])
+        self.samples_seen = int(progress.get("samples_seen", 0))
+        ranks = state.get("rank_states") or []
+        if len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            restore_rng_state(mine["rng"])
+            if self.mixup is not None and mine.get("mixup") is not None:
+                self.mixup.load_state_dict(mine["mixup"])
+        else:
+            self.log(
+                f"NOTE: checkpoint was written by {len(ranks)} processes, this run has {self.dist.world_size}: RNG "
+                "streams are re-seeded (training continues correctly but not bit-identically)"
+            )
+        self.last_checkpoint = path
+        self._last_saved_step = self.global_step
+        self.log(
+            f"resumed from {path}: step {self.global_step}, epoch {self.epoch}, "
+            f"micro-batch {self.batch_in_epoch} of the epoch"
+        )
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current state (collective: every rank must call it)."""
+        rank_state = {"rng": capture_rng_state(), "mixup": self.mixup.state_dict() if self.mixup else None}
+        rank_states = all_gather_object(rank_state, self.dist)
+        self.backend.sync_to_host()
+        path = None
+        if self.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "backend": self.backend.state_dict(),
+                "rank_states": rank_states,
+                "progress": {
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "samples_seen": self.samples_seen,
+                },
+                "sampler": self.sampler.state_dict(),
+                "world_size": self.dist.world_size,
+                "config": config_to_dict(self.cfg),
+            }
+            path = save_checkpoint(state, self.ckpt_dir, self.global_step, self.cfg.train.keep_checkpoints)
+            self.last_checkpoint = path
+        self._last_saved_step = self.global_step
+        barrier(self.dist)
+        return path
+
+    # ---------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1/top-5 (and loss) on the validation set, for the model and its EMA; summed over ranks."""
+        self.backend.sync_to_host()
+        models: list[tuple[str, nn.Module | None]] = [("", None)]
+        if self.ema is not None:
+            models.append(("ema_", self.ema.module))
+        totals = {prefix: [0.0, 0.0, 0.0] for prefix, _ in models}  # top1, top5, loss sum
+        count = 0
+        with preserved_rng():
+            self.val_loader.sampler.set_epoch(0)
+            for images, labels in self.val_loader:
+                count += labels.shape[0]
+                for prefix, module in models:
+                    logits = self.backend.eval_step(images, module).cpu()
+                    c1, c5 = topk_correct(logits, labels, (1, 5))
+                    loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                    totals[prefix][0] += c1
+                    totals[prefix][1] += c5
+                    totals[prefix][2] += loss
+        flat = [count] + [v for prefix, _ in models for v in totals[prefix]]
+        flat = all_reduce_sum(flat, self.dist)
+        n = max(flat[0], 1.0)
+        out: dict[str, float] = {}
+        for i, (prefix, _) in enumerate(models):
+            c1, c5, loss = flat[1 + 3 * i : 4 + 3 * i]
+            out[f"{prefix}top1"] = 100.0 * c1 / n
+            out[f"{prefix}top5"] = 100.0 * c5 / n
+            out[f"{prefix}val_loss"] = loss / n
+        return out
+
+    # ---------------------------------------------------------------------------------- training
+
+    def _micro_batches(self, it: Iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for _ in range(self.accum):
+            images, labels = next(it)
+            if self.mixup is not None:
+                images, labels = self.mixup(images, labels)
+            out.append((images, labels))
+        return out
+
+    def fit(self) -> RunResult:
+        """Train to ``train.epochs`` (or ``train.max_steps``); validate, log and checkpoint on the way."""
+        t = self.cfg.train
+        max_steps = t.max_steps
+        last_val: dict[str, float] = {}
+        stop = max_steps is not None and self.global_step >= max_steps
+        try:
+            while self.epoch < t.epochs and not stop:
+                epoch = self.epoch
+                self.sampler.set_epoch(epoch)
+                self.sampler.set_start_batch(self.batch_in_epoch, self.micro)
+                start_step = self.batch_in_epoch // self.accum
+                it = iter(self.train_loader)
+                bar = self._progress(epoch, start_step)
+                window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
+                for step_in_epoch in range(start_step, self.steps_per_epoch):
+                    micro_batches = self._micro_batches(it)
+                    result = self.backend.train_step(micro_batches)
+                    self.scheduler.step()
+                    self.backend.lr_changed()
+                    self.global_step += 1
+                    self.batch_in_epoch = (step_in_epoch + 1) * self.accum
+                    self.samples_seen += result.samples * self.dist.world_size
+                    if self.ema is not None:
+                        self.backend.sync_to_host()
+                        self.ema.update(self.model, self.global_step - 1)  # ModelEma counts steps from 0
+                    if not math.isfinite(result.loss):
+                        raise FloatingPointError(f"training loss is {result.loss} at step {self.global_step}")
+                    window_loss += result.loss
+                    window_steps += 1
+                    window_samples += result.samples * self.dist.world_size
+                    elapsed = time.perf_counter() - window_t0
+                    ips = window_samples / elapsed if elapsed > 0 else 0.0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.1f}")
+                    last_in_epoch = step_in_epoch + 1 == self.steps_per_epoch
+                    stop = max_steps is not None and self.global_step >= max_steps
+                    if self.global_step % t.log_every_steps == 0 or last_in_epoch or stop:
+                        self.metrics.log(
+                            {
+                                "kind": "train",
+                                "epoch": epoch,
+                                "step": self.global_step,
+                                "loss": window_loss / window_steps,
+                                "lr": lr,
+                                "img_per_s": ips,
+                                "samples": self.samples_seen,
+                                "time_s": time.time(),
+                            }
+                        )
+                        if bar is None:
+                            self.log(
+                                f"epoch {epoch} step {self.global_step}/{self.total_steps} "
+                                f"loss {window_loss / window_steps:.4f} lr {lr:.4g} {ips:.1f} img/s"
+                            )
+                        window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
+                    if last_in_epoch:
+                        self.epoch, self.batch_in_epoch = epoch + 1, 0
+                    if t.checkpoint_every_steps and self.global_step % t.checkpoint_every_steps == 0:
+                        self.save()
+                    if stop:
+                        break
+                if bar is not None:
+                    bar.close()
+                epoch_done = self.epoch > epoch
+                if epoch_done:
+                    final_epoch = self.epoch == t.epochs
+                    if (t.val_every_epochs and self.epoch % t.val_every_epochs == 0) or final_epoch or stop:
+                        last_val = self._validate(epoch)
+                    if t.checkpoint_every_steps is None and self._last_saved_step != self.global_step:
+                        self.save()
+            if not last_val or last_val.get("step") != self.global_step:
+                last_val = self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
+            if self._last_saved_step != self.global_step:
+                self.save()
+        finally:
+            self.backend.close()
+        return RunResult(self.global_step, self.epoch, last_val, self.run_dir, self.last_checkpoint)
+
+    def _validate(self, epoch: int) -> dict[str, Any]:
+        metrics = self.evaluate()
+        record = {"kind": "val", "epoch": epoch, "step": self.global_step, **metrics, "time_s": time.time()}
+        self.metrics.log(record)
+        msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        self.log(f"validation after epoch {epoch} (step {self.global_step}): {msg}")
+        return record
+
+    def _progress(self, epoch: int, start_step: int) -> Any:
+        if not (self.is_main and self.cfg.train.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.steps_per_epoch,
+            initial=start_step,
+            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        """Tear down the process group (if this trainer created it)."""
+        cleanup_distributed(self.dist)
+
+
+def train(cfg: Config, *, resume: str | None = None, log: Callable[[str], None] | None = None) -> RunResult:
+    """Run one training job: build everything from ``cfg``, optionally resume, train, return the result."""
+    trainer = Trainer(cfg, resume=resume, log=log)
+    try:
+        result = trainer.fit()
+        if trainer.is_main:
+            (trainer.run_dir / "final_metrics.json").write_text(
+                json.dumps({"global_step": result.global_step, "epoch": result.epoch, **result.final_metrics}, indent=2)
+            )
+        return result
+    finally:
+        trainer.close()

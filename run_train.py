@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train a CNN from a YAML config: ``python run_train.py --config configs/effnet_b0_proxy.yml [--max-steps 20]``.
+
+Several processes (CPU or GPUs): ``torchrun --nproc_per_node=N run_train.py --config ...``.
+See README.md for the configs and flags; ``--help`` lists the flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ipu_norm.config.cli import parse_args
+from ipu_norm.config.loader import ConfigError, config_to_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    try:
+        args, cfg, _ = parse_args(argv)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from ipu_norm.train.trainer import train
+
+    try:
+        result = train(cfg, resume=args.resume)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        # Start-up problems (missing SDK, bad dataset path, inconsistent batch sizes) get one clear line.
+        if isinstance(exc, RuntimeError) and "Poplar SDK" not in str(exc) and "cuda" not in str(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    metrics = {k: v for k, v in result.final_metrics.items() if k not in ("kind", "time_s")}
+    print(f"done: {result.global_step} steps, {result.epoch} epochs; {metrics}; run dir {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Checkpoints: atomic writes, keep-last-K, corrupt-file fallback, RNG round trip, and bitwise resume."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ipu_norm.config import load_config
+from ipu_norm.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_good,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ipu_norm.train.trainer import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "progress": {"global_step": step}}
+
+
+def test_save_is_atomic_and_keeps_last_k(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        save_checkpoint(_state(step), tmp_path, step, keep=2)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["ckpt_step000000004.pt", "ckpt_step000000005.pt"]
+    # No temporary files are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    state = load_checkpoint(tmp_path / names[-1])
+    assert torch.equal(state["model"]["w"], torch.full((3,), 5.0))
+
+
+def test_truncated_latest_falls_back_to_previous(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        save_checkpoint(_state(step), tmp_path, step, keep=5)
+    newest = list_checkpoints(tmp_path)[-1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # simulate a crash mid-write of a non-atomic copy
+    reports: list[str] = []
+    found = load_latest_good(tmp_path, report=reports.append)
+    assert found is not None
+    path, state = found
+    assert path.name == "ckpt_step000000002.pt" and state["progress"]["global_step"] == 2
+    assert len(reports) == 1 and newest.name in reports[0]
+    with pytest.raises(CheckpointError):
+        load_checkpoint(newest)
+
+
+def test_incomplete_checkpoint_is_rejected(tmp_path: Path) -> None:
+    torch.save({"format": 1, "model": {}}, tmp_path / "ckpt_step000000001.pt")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "ckpt_step000000001.pt")
+    assert load_latest_good(tmp_path, report=lambda _: None) is None
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    save_checkpoint({**_state(1), "rng": capture_rng_state()}, tmp_path, 1, keep=1)
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    restore_rng_state(load_checkpoint(list_checkpoints(tmp_path)[0])["rng"])  # weights_only=True load
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert expected[0] == got[0] and expected[1] == got[1] and torch.equal(expected[2], got[2])
+
+
+def _tiny_cfg(out: Path, **flags):
+    # Tiny ResNet-18 (GN) on generated data; mixup + cutmix + label smoothing + EMA on, shuffling on,
+    # 2 epochs x 8 steps, gradient accumulation 2.
+    return load_config(
+        CONFIGS / "tiny_resnet18_gn.yml",
+        flags={"train.output_dir": str(out), **flags},
+    )
+
+
+def _final_state(run_dir: Path) -> dict:
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+
+
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path: Path) -> None:
+    """A run stopped after k steps and resumed equals an uninterrupted run (weights, EMA, optimizer)."""
+    full = train(_tiny_cfg(tmp_path / "full"), log=lambda _: None)
+    assert full.global_step == 16
+    part_dir = tmp_path / "part"
+    first = train(_tiny_cfg(part_dir, **{"train.max_steps": 5}), log=lambda _: None)  # mid-epoch 0
+    assert first.global_step == 5
+    resumed = train(_tiny_cfg(part_dir), resume="latest", log=lambda _: None)
+    assert resumed.global_step == 16
+    a, b = _final_state(tmp_path / "full"), _final_state(part_dir)
+    assert a["progress"] == b["progress"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
+    # The training actually moved the weights (the comparison is not between two initial models).
+    init = train(_tiny_cfg(tmp_path / "init", **{"train.max_steps": 1}), log=lambda _: None)
+    assert init.global_step == 1
+    c = _final_state(tmp_path / "init")
+    assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+def test_resume_at_epoch_boundary_and_from_explicit_path(tmp_path: Path) -> None:
+    full = train(_tiny_cfg(tmp_path / "full", **{"train.epochs": 2}), log=lambda _: None)
+    part_dir = tmp_path / "part"
+    train(_tiny_cfg(part_dir, **{"train.max_steps": 8}), log=lambda _: None)  # exactly one epoch
+    ckpt = list_checkpoints(part_dir / "checkpoints")[-1]
+    assert load_checkpoint(ckpt)["progress"] == {
+        "global_step": 8, "epoch": 1, "batch_in_epoch": 0, "samples_seen": 64,
+    }
+    train(_tiny_cfg(part_dir), resume=str(ckpt), log=lambda _: None)
+    a, b = _final_state(full.run_dir), _final_state(part_dir)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_resume_latest_skips_truncated_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = _tiny_cfg(run, **{"train.max_steps": 6, "train.checkpoint_every_steps": 3, "train.epochs": 1})
+    train(cfg, log=lambda _: None)
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == ["ckpt_step000000003.pt", "ckpt_step000000006.pt"]
+    data = ckpts[-1].read_bytes()
+    ckpts[-1].write_bytes(data[:1000])
+    messages: list[str] = []
+    result = train(_tiny_cfg(run, **{"train.epochs": 1}), resume="latest", log=messages.append)
+    assert any("skipping bad checkpoint" in m and "ckpt_step000000006" in m for m in messages)
+    assert any("resumed from" in m and "ckpt_step000000003" in m for m in messages)
+    assert result.global_step == 8
