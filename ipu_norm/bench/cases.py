@@ -76,12 +76,12 @@ def timm_agc(clip_factor: float = AGC_CLIP) -> ClipFactory:
 
 
 def ipu_norm_agc(clip_factor: float = AGC_CLIP) -> ClipFactory:
-    """ipu_norm.optim.agc over the model (the library excludes the classifier itself)."""
+    """ipu_norm.optim.agc.AGC over the model (it excludes `model.get_classifier()` itself)."""
 
     def factory(model: nn.Module) -> Callable[[], None]:
-        from ipu_norm.optim import agc  # noqa: PLC0415 - written by another engineer
+        from ipu_norm.optim.agc import AGC  # noqa: PLC0415
 
-        return agc.bench_clip_fn(model, clip_factor)
+        return AGC(model, clip_factor=clip_factor).clip_
 
     return factory
 
