@@ -268,7 +268,7 @@ def test_sampler_permutation_is_function_of_seed_and_epoch():
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
-@pytest.mark.parametrize("length,replicas", [(10, 3), (12, 4), (2, 3)])
+@pytest.mark.parametrize("length,replicas", [(10, 3), (12, 4), (2, 3), (2, 7)])
 def test_sampler_sharding_matches_distributed_sampler(length, replicas, drop_last):
     data = list(range(length))
     for rank in range(replicas):
@@ -350,6 +350,22 @@ def test_resumed_run_reproduces_uninterrupted_run_bit_for_bit(digits_root):
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
     # Augmentation really differs between epochs (the epoch reached the dataset through the loader).
     assert not torch.equal(reference[0][1], reference[len(reference) // 2][1])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_forwards_epoch_to_dataset_workers(digits_root, num_workers):
+    ds, _, _, _ = _pipeline(digits_root)
+    sampler = ResumableSampler(len(ds), shuffle=False)
+    loader = build_loader(ds, batch_size=8, sampler=sampler, num_workers=num_workers, drop_last=True, seed=0)
+    batches = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches[epoch] = next(iter(loader))
+    assert ds.epoch == 1
+    assert torch.equal(batches[0][1], batches[1][1])  # same samples (no shuffle) ...
+    assert not torch.equal(batches[0][0], batches[1][0])  # ... augmented differently in each epoch
+    sampler.set_epoch(0)
+    assert torch.equal(next(iter(loader))[0], batches[0][0])
 
 
 def test_loader_batches_do_not_depend_on_num_workers(digits_root):

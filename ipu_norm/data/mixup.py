@@ -63,7 +63,9 @@ class MixupCutmix:
         switch_prob: probability of CutMix rather than Mixup when both are enabled.
         label_smoothing: label smoothing of the targets.
         num_classes: number of classes.
-        seed: seed of the instance's own generator (used when ``__call__`` gets no generator).
+        seed: seed of the instance's own generator (used when ``__call__`` gets no generator). Under data
+            parallelism give each replica its own seed (e.g. ``seed + rank``), otherwise all replicas draw
+            the same lambda at every step.
     """
 
     def __init__(
