@@ -1,0 +1,32 @@
+"""Training-memory footprints: measure on CPU/GPU, estimate per IPU pipeline stage, compare norms, check budgets.
+
+- measure.py: weights / gradients / optimizer state / saved activations (per block) and the measured peak.
+- estimate.py: per-stage IPU (Mk2, 900 MB) estimate, memory-balanced splits, what fits, and
+  ``check_fits_ipu(model, plan_or_config)`` raising ``MemoryBudgetError`` before compiling.
+- compare.py: ``python -m ipu_norm.memory`` tables and plot across norms and micro-batch sizes.
+"""
+
+from ipu_norm.memory.estimate import (
+    IPU_MEMORY_BYTES,
+    IPUPlan,
+    MemoryBudgetError,
+    PlanEstimate,
+    StageEstimate,
+    check_fits_ipu,
+    estimate_plan,
+    max_micro_batch,
+    plan_fits,
+)
+from ipu_norm.memory.measure import (
+    ActivationProfile,
+    fit_activation_scaling,
+    measure_activations,
+    measure_peak,
+    measure_step,
+)
+
+__all__ = [
+    "IPU_MEMORY_BYTES", "ActivationProfile", "IPUPlan", "MemoryBudgetError", "PlanEstimate", "StageEstimate",
+    "check_fits_ipu", "estimate_plan", "fit_activation_scaling", "max_micro_batch", "measure_activations",
+    "measure_peak", "measure_step", "plan_fits",
+]

@@ -1,0 +1,357 @@
+"""Compare training memory across norms and micro-batch sizes; plan what fits on IPUs.
+
+``python -m ipu_norm.memory --models efficientnet_b0 resnet50 --micro-batch 1 2 4 8 16 32 [--resolution 224]
+[--out DIR]`` prints, per architecture:
+
+1. CPU training memory (fp32) per norm and micro-batch: weights, gradients and optimizer state measured after
+   one real optimizer step; activations measured with saved-tensor hooks at two micro-batch sizes, fitted as
+   a + b * mb per block and checked against a third size (the other sizes are extrapolated - the table says
+   which); the measured peak of a real step (live-storage tracker on CPU) without and with recomputation.
+2. IPU plan (Mk2, 900 MB): the largest micro-batch that fits on 1, 2, 4, 8 IPUs (pipeline stages balanced by
+   memory), without and with recomputation, and which requested sizes fit.
+3. The headline: BN at micro-batch 32 against GN+PN at micro-batch 2 with gradient accumulation 16 (same
+   global batch 32).
+
+It writes ``memory_compare.md`` (the same tables) and ``memory_compare.png`` (memory vs micro-batch per norm)
+to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ipu_norm.memory.estimate import (
+    IPU_COUNTS,
+    IPUPlan,
+    assumptions_text,
+    estimate_plan,
+    max_micro_batch,
+    plan_fits,
+    read_popvision,
+)
+from ipu_norm.memory.measure import (
+    ActivationProfile,
+    fit_activation_scaling,
+    measure_peak,
+    tensor_bytes,
+)
+
+NORMS = ("bn", "gn", "gn+pn", "ln+pn", "nf")
+NF_MODELS = {"resnet50": "nf_resnet50"}  # EfficientNet has no normalizer-free counterpart in this project
+MB = 1e6
+
+
+def build_model(arch: str, norm: str) -> nn.Module | None:
+    """The model for (arch, norm), or None where it is not defined (NF EfficientNet)."""
+    from ipu_norm.models import create_model
+
+    if norm == "nf":
+        name = NF_MODELS.get(arch)
+        return None if name is None else create_model(name)
+    return create_model(arch, norm=norm)
+
+
+@dataclass
+class NormResult:
+    """Everything measured and estimated for one (architecture, norm)."""
+
+    arch: str
+    norm: str
+    params: int
+    weight_bytes: int
+    grad_bytes: int
+    opt_bytes: int
+    profile: ActivationProfile
+    peak_mb: int
+    peak: int | None
+    peak_rc: int | None
+    peak_step: int | None
+    peak_method: str
+    act_rc_bytes: int | None  # saved bytes with per-block checkpointing at peak_mb
+    wall_s: float
+
+    def act_bytes(self, mb: int) -> float:
+        return self.profile.total_bytes(mb, 4)
+
+    def train_bytes(self, mb: int) -> float:
+        """fp32 training memory on CPU/GPU: weights + gradients + optimizer state + saved activations."""
+        return self.weight_bytes + self.grad_bytes + self.opt_bytes + self.act_bytes(mb)
+
+
+def measure_norm(
+    arch: str,
+    norm: str,
+    resolution: int | None,
+    *,
+    optimizer: str,
+    fit_sizes: tuple[int, int],
+    verify_sizes: tuple[int, ...],
+    peak_mb: int,
+) -> NormResult | None:
+    """Build the model and measure it (None when the combination is not defined)."""
+    t0 = time.perf_counter()
+    model = build_model(arch, norm)
+    if model is None:
+        return None
+    res = resolution or int(getattr(model, "default_cfg", {}).get("train_size", 224))
+    prof = fit_activation_scaling(model, res, fit_sizes=fit_sizes, verify_sizes=verify_sizes)
+    params = sum(p.numel() for p in model.parameters())
+    weights = tensor_bytes(model.parameters())
+    peak = peak_rc = act_rc = None
+    if peak_mb > 0:
+        pk = measure_peak(model, peak_mb, res, optimizer=optimizer)
+        # Gradients and optimizer state are the same with recomputation: no optimizer step for that copy.
+        pk_rc = measure_peak(model, peak_mb, res, optimizer=None, recompute=True)
+        peak, peak_rc, act_rc = pk.peak_fwd_bwd, pk_rc.peak_fwd_bwd, pk_rc.saved_bytes
+    else:  # gradients and optimizer state still come from one real step, on a small input
+        pk = measure_peak(model, 2, 32, optimizer=optimizer)
+    return NormResult(
+        arch, norm, params, weights, pk.grad_bytes, pk.optimizer_state_bytes, prof, peak_mb, peak, peak_rc,
+        pk.peak_step if peak_mb > 0 else None, pk.method, act_rc, time.perf_counter() - t0,
+    )
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None else f"{x / MB:,.0f}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cpu_table(results: Sequence[NormResult | None], norms: Sequence[str], mbs: Sequence[int]) -> str:
+    """Per norm: params, weights/grads/optimizer, activations and total training memory per micro-batch."""
+    header = ["norm", "params", "weights", "grads", "optim"]
+    header += [f"act@{m}" for m in mbs] + [f"total@{m}" for m in mbs]
+    header += ["peak fwd+bwd", "peak rc", "act rc", "peak step", "fit err"]
+    rows = []
+    for norm, r in zip(norms, results):
+        if r is None:
+            rows.append([norm, "n/a"] + ["n/a"] * (len(header) - 2))
+            continue
+        measured = set(r.profile.measured_at) | set(r.profile.verified_at)
+        acts = [_mb(r.act_bytes(m)) + ("" if m in measured else "*") for m in mbs]
+        tots = [_mb(r.train_bytes(m)) for m in mbs]
+        err = "-" if r.profile.max_rel_error is None else f"{100 * r.profile.max_rel_error:.2f}%"
+        rows.append(
+            [norm, f"{r.params / 1e6:.2f}M", _mb(r.weight_bytes), _mb(r.grad_bytes), _mb(r.opt_bytes)]
+            + acts + tots
+            + [_mb(r.peak), _mb(r.peak_rc), _mb(r.act_rc_bytes), _mb(r.peak_step), err]
+        )
+    return _md_table(header, rows)
+
+
+def ipu_table(
+    results: Sequence[NormResult | None], norms: Sequence[str], mbs: Sequence[int], base: IPUPlan,
+    ipus: Sequence[int],
+) -> str:
+    """Per norm and IPU count: largest micro-batch that fits (without / with recompute) and the fitting sizes."""
+    header = ["norm"] + [f"{n} IPU{'s' if n > 1 else ''}: max mb (rc)" for n in ipus] + [
+        f"fits (of {','.join(map(str, mbs))}) on " + "/".join(map(str, ipus)) + " IPUs"
+    ]
+    rows = []
+    for norm, r in zip(norms, results):
+        if r is None:
+            rows.append([norm] + ["n/a"] * (len(header) - 1))
+            continue
+        cells = []
+        for n in ipus:
+            a = max_micro_batch(r.profile, replace(base, recompute="none"), n)
+            b = max_micro_batch(r.profile, replace(base, recompute="checkpoints"), n)
+            cells.append(f"{a} ({b})")
+        fits = plan_fits(r.profile, mbs, base, ipus)
+        per_n = []
+        for n in ipus:
+            ok = [str(f.micro_batch) + ("" if f.status == "fits" else "r") for f in fits
+                  if f.num_ipus == n and f.status != "no"]
+            per_n.append(",".join(ok) or "none")
+        rows.append([norm] + cells + [" / ".join(per_n)])
+    return _md_table(header, rows)
+
+
+def smallest_fit(r: NormResult, base: IPUPlan, mb: int, accumulation: int, ipus: Sequence[int]) -> str:
+    """'N IPU(s) (per-IPU max X MB)' for the fewest IPUs that fit mb, or 'none of ...'."""
+    for n in ipus:
+        for rc in ("none", "checkpoints"):
+            p = replace(base, micro_batch_size=mb, num_stages=n, gradient_accumulation=max(accumulation, n),
+                        recompute=rc, splits=None if n > 1 else [])
+            e = estimate_plan(r.profile, p)
+            if e.fits:
+                return f"{n} IPU{'s' if n > 1 else ''}{' with recompute' if rc != 'none' else ''} " \
+                       f"(largest stage {_mb(e.max_total)} MB)"
+    return f"does not fit on {max(ipus)} IPUs"
+
+
+def headline(
+    r_bn: NormResult | None, r_pn: NormResult | None, base: IPUPlan, ipus: Sequence[int],
+    big: int = 32, small: int = 2,
+) -> str:
+    """BN at micro-batch `big` vs GN+PN at micro-batch `small` x accumulation to the same global batch."""
+    if r_bn is None or r_pn is None:
+        return "headline: n/a (BN or GN+PN model missing)"
+    acc = big // small
+    one_bn = estimate_plan(r_bn.profile, replace(base, micro_batch_size=big, num_stages=1, splits=[]))
+    one_pn = estimate_plan(r_pn.profile, replace(base, micro_batch_size=small, num_stages=1, splits=[],
+                                                 gradient_accumulation=acc))
+    lines = [
+        f"**{r_bn.arch}: BN at micro-batch {big} vs GN+PN at micro-batch {small} x {acc} accumulation "
+        f"(global batch {big} both)**",
+        f"- CPU/GPU fp32 training memory: BN@{big} {_mb(r_bn.train_bytes(big))} MB "
+        f"(activations {_mb(r_bn.act_bytes(big))} MB) vs GN+PN@{small} {_mb(r_pn.train_bytes(small))} MB "
+        f"(activations {_mb(r_pn.act_bytes(small))} MB): {r_bn.train_bytes(big) / r_pn.train_bytes(small):.1f}x.",
+        f"- IPU ({base.precision}, {base.optimizer}) single-IPU estimate: BN@{big} {_mb(one_bn.max_total)} MB vs "
+        f"GN+PN@{small} {_mb(one_pn.max_total)} MB (budget {_mb(base.ipu_memory_bytes)} MB).",
+        f"- fewest IPUs: BN@{big}: {smallest_fit(r_bn, base, big, 1, ipus)}; "
+        f"GN+PN@{small}: {smallest_fit(r_pn, base, small, acc, ipus)}.",
+        f"- BN's statistics are computed over the micro-batch, so BN needs the large micro-batch on the device; "
+        f"GN+PN is batch-independent, so micro-batch {small} x {acc} accumulation gives the same update "
+        f"(up to the sum order) in a fraction of the activation memory.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs: Sequence[int], base: IPUPlan,
+         path: str) -> None:
+    """memory vs micro-batch per norm: CPU fp32 training memory and the single-IPU estimate, per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(results)
+    fig, axes = plt.subplots(len(archs), 2, figsize=(11, 4 * len(archs)), squeeze=False)
+    for row, arch in enumerate(archs):
+        ax_cpu, ax_ipu = axes[row]
+        for norm, r in zip(norms, results[arch]):
+            if r is None:
+                continue
+            ax_cpu.plot(mbs, [r.train_bytes(m) / MB for m in mbs], marker="o", label=norm)
+            ipu = [estimate_plan(r.profile, replace(base, micro_batch_size=m, num_stages=1, splits=[])).max_total
+                   / MB for m in mbs]
+            ax_ipu.plot(mbs, ipu, marker="o", label=norm)
+        ax_ipu.axhline(base.ipu_memory_bytes / MB, color="k", ls="--", lw=1, label="900 MB IPU")
+        for ax, title in ((ax_cpu, "CPU fp32 training memory"), (ax_ipu, f"1-IPU estimate ({base.precision})")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(list(mbs), [str(m) for m in mbs])
+            ax.set_xlabel("micro-batch")
+            ax.set_ylabel("MB")
+            ax.set_title(f"{arch}: {title}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ipu_norm.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["efficientnet_b0", "resnet50"])
+    p.add_argument("--micro-batch", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--norms", nargs="+", default=list(NORMS), help="bn gn gn+pn ln+pn nf")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: model default_cfg train_size)")
+    p.add_argument("--optimizer", default="sgd_momentum",
+                   help="sgd | sgd_momentum | nesterov | adam | adamw | rmsprop | rmsprop_momentum | lamb")
+    p.add_argument("--precision", default="16.32", choices=["32.32", "16.32", "16.16"], help="IPU estimate precision")
+    p.add_argument("--available-memory-proportion", type=float, default=0.6)
+    p.add_argument("--overhead-fraction", type=float, default=0.15,
+                   help="fraction of IPU memory reserved for code/exchange/control (not modelled per op)")
+    p.add_argument("--ipus", nargs="+", type=int, default=list(IPU_COUNTS))
+    p.add_argument("--fit-sizes", nargs=2, type=int, default=[1, 2], help="micro-batches measured for the fit")
+    p.add_argument("--verify-sizes", nargs="*", type=int, default=[4], help="micro-batches measured to check it")
+    p.add_argument("--peak-micro-batch", type=int, default=1,
+                   help="micro-batch of the measured real step (peak, with and without recompute); 0 = skip")
+    p.add_argument("--popvision", default=None, help="PopVision report directory (needs libpva from the Poplar SDK)")
+    p.add_argument("--out", default="docs", help="directory for memory_compare.md / memory_compare.png")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (see module docstring)."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    mbs = sorted(set(args.micro_batch))
+    norms = [n.lower() for n in args.norms]
+    base = IPUPlan(
+        micro_batch_size=1, precision=args.precision, optimizer=args.optimizer,
+        available_memory_proportion=args.available_memory_proportion, overhead_fraction=args.overhead_fraction,
+    )
+    results: dict[str, list[NormResult | None]] = {}
+    for arch in args.models:
+        results[arch] = []
+        for norm in norms:
+            r = measure_norm(
+                arch, norm, args.resolution, optimizer=args.optimizer, fit_sizes=tuple(args.fit_sizes),
+                verify_sizes=tuple(args.verify_sizes), peak_mb=args.peak_micro_batch,
+            )
+            results[arch].append(r)
+            took = "n/a" if r is None else f"{r.wall_s:.1f}s"
+            print(f"[measured {arch} {norm}: {took}]", file=sys.stderr, flush=True)
+
+    res_txt = f"{args.resolution} px" if args.resolution else "each model's default train_size"
+    sections = [
+        "# Training memory by norm and micro-batch",
+        f"Command: `python -m ipu_norm.memory {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"Resolution {res_txt}; optimizer {args.optimizer}; MB = 1e6 bytes.",
+        "CPU table (fp32, measured on CPU): weights, grads and optimizer state after one real optimizer.step; "
+        f"activations = saved-for-backward bytes (hooks, dedup by storage), measured at micro-batch "
+        f"{' and '.join(map(str, args.fit_sizes))}, fitted a + b*mb per block, checked at "
+        f"{','.join(map(str, args.verify_sizes)) or '-'} (fit err = worst relative error there); "
+        "'*' = extrapolated from the fit, not measured. total = weights + grads + optim + activations. "
+        f"Measured on one real step at micro-batch {args.peak_micro_batch} (live-storage tracker on CPU, "
+        "cuda.max_memory_allocated on GPU): peak fwd+bwd = live bytes at the worst point of forward + backward; "
+        "peak rc = the same with torch.utils.checkpoint per block; act rc = saved-for-backward bytes with "
+        "checkpointing (block inputs only); peak step = worst point including the first optimizer.step.",
+        "IPU table: 'max mb (rc)' = largest micro-batch that fits without (with) recompute; in the fits column "
+        "'r' marks sizes that fit only with recompute.",
+    ]
+    for arch, rs in results.items():
+        sections.append(f"## {arch}")
+        sections.append("### CPU/GPU training memory, MB (fp32)")
+        sections.append(cpu_table(rs, norms, mbs))
+        sections.append(f"### IPU Mk2 ({args.precision}, {args.optimizer} on chip, AMP "
+                        f"{args.available_memory_proportion}) - estimate")
+        sections.append(ipu_table(rs, norms, mbs, base, args.ipus))
+        by_norm = dict(zip(norms, rs))
+        sections.append(headline(by_norm.get("bn"), by_norm.get("gn+pn"), base, args.ipus))
+    sections.append("### Assumptions of the IPU estimate")
+    sections.append("\n".join(f"- {line}" for line in assumptions_text(base).splitlines()))
+    if args.popvision:
+        pv = read_popvision(args.popvision)
+        if pv is None:
+            sections.append(
+                f"PopVision: no report read from {args.popvision} (libpva not importable or no profile.pop)."
+            )
+        else:
+            per = ", ".join(f"IPU{i} {_mb(b)} MB" for i, b in enumerate(pv["bytes_per_ipu"]))
+            sections.append(f"PopVision actual ({pv['report']}): {per}")
+    elapsed = time.perf_counter() - t_start
+    sections.append(f"Wall time: {elapsed:.0f} s on {torch.get_num_threads()} CPU thread(s).")
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    md_path = os.path.join(args.out, "memory_compare.md")
+    png_path = os.path.join(args.out, "memory_compare.png")
+    with open(md_path, "w") as f:
+        f.write(text)
+    plot(results, norms, mbs, base, png_path)
+    print(f"wrote {md_path} and {png_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
