@@ -300,8 +300,14 @@ def test_sampler_start_batch_skips_consumed_batches_and_state_roundtrip():
     assert s2.epoch == 2 and list(s2) == full[12:]
     s2.set_epoch(3)  # next epoch starts from its beginning
     assert len(s2) == 20 and s2.start_index == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mid-epoch"):
         ResumableSampler(41, num_replicas=2, rank=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="mid-epoch"):
+        ResumableSampler(40, num_replicas=4, rank=1).load_state_dict(state)
+    # At an epoch boundary the replica count may change.
+    s4 = ResumableSampler(40, num_replicas=4, rank=1)
+    s4.load_state_dict({**state, "start_index": 0})
+    assert s4.epoch == 2 and s4.seed == 3 and len(s4) == 10
 
 
 # --------------------------------------------------------------------------------- loader / resumption

@@ -130,13 +130,19 @@ class ResumableSampler(Sampler[int]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore epoch, start offset and seed.
 
-        The dataset length and sharding must match: a different ``length``/``shuffle``/``drop_last`` or
-        replica count would silently change which samples the remaining batches hold, so it raises instead.
-        The rank is not checked (each process loads its own or rank 0's copy).
+        Resuming *mid-epoch* (``start_index > 0``) needs the same dataset length and sharding: a different
+        ``length``/``shuffle``/``drop_last`` or replica count would silently change which samples the
+        remaining batches hold, so it raises instead. At an epoch boundary these may change (e.g. resuming
+        on another number of replicas). The rank is not checked (each process loads its own or rank 0's
+        copy, the position is the same on all ranks).
         """
-        for key in ("length", "shuffle", "num_replicas", "drop_last"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}")
+        if int(state.get("start_index", 0)) > 0:
+            for key in ("length", "shuffle", "num_replicas", "drop_last"):
+                if key in state and state[key] != getattr(self, key):
+                    raise ValueError(
+                        f"cannot resume mid-epoch: sampler state has {key}={state[key]!r}, "
+                        f"this sampler has {getattr(self, key)!r}"
+                    )
         self.seed = int(state.get("seed", self.seed))
         self.epoch = int(state["epoch"])
         self.start_index = min(int(state.get("start_index", 0)), self.num_samples)
