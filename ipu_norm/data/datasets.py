@@ -251,11 +251,11 @@ def build_dataset(
       :class:`SafeImageFolder`; train uses RandomResizedCrop(image_size) + flip, val uses
       Resize(int(test_size / 0.875)) + CenterCrop(test_size); both ToTensor + ImageNet Normalize.
     - ``digits``: scikit-learn's real 8x8 handwritten digits exported as PNGs (at ``digits_image_size``,
-      default ``image_size``) into
-      ``root`` (or a per-user temp folder) by :func:`export_digits_imagefolder`, then read like
-      ``imagefolder`` with digit transforms (pad-and-random-crop, no flip; see
-      :func:`ipu_norm.data.transforms.build_digits_train_transform`). The stratified train/val split uses
-      ``digits_split_seed`` (not ``seed``), so changing the training seed keeps the same val set.
+      default ``image_size``) into ``root`` (or a per-user temp folder) by
+      :func:`export_digits_imagefolder`, then read like ``imagefolder`` with digit transforms
+      (pad-and-random-crop, no flip; see :func:`ipu_norm.data.transforms.build_digits_train_transform`).
+      The stratified train/val split uses ``digits_split_seed`` (not ``seed``), so changing the training
+      seed keeps the same val set.
 
     Args:
         name: 'generated', 'imagefolder' or 'digits'.
