@@ -51,7 +51,7 @@ def gaussian_quantiles(
     """The n fixed quantiles q_i = sqrt(2) erfinv(2 (i + 0.5) / n - 1) of N(0, 1), i = 0..n-1."""
     if n < 2:
         raise ValueError(f"need at least 2 proxy quantiles, got {n}")
-    return _quantiles_f64(n).to(device=device, dtype=dtype)
+    return _quantiles_f64(n).to(device=device, dtype=dtype, copy=True)  # never hand out the cached tensor
 
 
 @functools.lru_cache(maxsize=32)
