@@ -1,0 +1,246 @@
+"""The C++ side of the proxy statistics: the header-only kernel (custom_ops/proxy_stats_kernel.hpp)
+through its C ABI shim, compiled here with the system C++ compiler and called with ctypes, against the
+PyTorch op; the Makefile's behaviour without the Poplar SDK; and (marked `ipu`, skipped without
+poptorch) the PopART op on the IPU Model against the PyTorch op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, gaussian_quantiles, proxy_stats, proxy_stats_reference
+
+REPO = Path(__file__).resolve().parents[1]
+CUSTOM_OPS = REPO / "custom_ops"
+
+
+def _find_cxx() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+CXX = _find_cxx()
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++/clang++) found on PATH")
+
+_D = ctypes.POINTER(ctypes.c_double)
+_F = ctypes.POINTER(ctypes.c_float)
+
+
+@pytest.fixture(scope="module")
+def capi(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """Compile custom_ops/proxy_stats_capi.cpp into a tmp dir (never into the repo) and load it."""
+    out = tmp_path_factory.mktemp("capi") / "libproxy_stats_capi.so"
+    cmd = [CXX, "-std=c++14", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+           str(CUSTOM_OPS / "proxy_stats_capi.cpp"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(out))
+    i64, cstr = ctypes.c_int64, ctypes.c_char_p
+    lib.ipu_norm_gaussian_quantiles_f64.argtypes = [i64, _D]
+    lib.ipu_norm_proxy_stats_forward_f64.argtypes = [cstr, i64, i64] + [_D] * 6
+    lib.ipu_norm_proxy_stats_backward_f64.argtypes = [cstr, i64, i64] + [_D] * 10
+    lib.ipu_norm_proxy_stats_forward_f32.argtypes = [cstr, i64, i64] + [_F] * 6
+    lib.ipu_norm_proxy_stats_backward_f32.argtypes = [cstr, i64, i64] + [_F] * 10
+    return lib
+
+
+def _ptr(a: np.ndarray) -> ctypes._Pointer:
+    assert a.flags.c_contiguous
+    return a.ctypes.data_as(_D if a.dtype == np.float64 else _F)
+
+
+def _cpp_forward(lib: ctypes.CDLL, act: str, n: int, params: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    dt = params[0].dtype
+    fn = lib.ipu_norm_proxy_stats_forward_f64 if dt == np.float64 else lib.ipu_norm_proxy_stats_forward_f32
+    mean, var = np.empty_like(params[0]), np.empty_like(params[0])
+    rc = fn(act.encode(), n, params[0].size, *map(_ptr, params), _ptr(mean), _ptr(var))
+    assert rc == 0
+    return mean, var
+
+
+def _cpp_backward(lib: ctypes.CDLL, act: str, n: int, params: list[np.ndarray], gm: np.ndarray,
+                  gv: np.ndarray) -> list[np.ndarray]:
+    dt = params[0].dtype
+    fn = lib.ipu_norm_proxy_stats_backward_f64 if dt == np.float64 else lib.ipu_norm_proxy_stats_backward_f32
+    outs = [np.empty_like(params[0]) for _ in range(4)]
+    rc = fn(act.encode(), n, params[0].size, *map(_ptr, params), _ptr(gm), _ptr(gv), *map(_ptr, outs))
+    assert rc == 0
+    return outs
+
+
+def _random_params(c: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1234)
+    g = rng.normal(size=c) * 1.5
+    g[0] = -abs(g[0]) - 0.5  # negative gamma
+    return [g, rng.normal(size=c), 0.5 * rng.normal(size=c), 0.5 * rng.normal(size=c)]
+
+
+@needs_cxx
+@pytest.mark.parametrize("n", [2, 3, 200, 201, 5000])
+def test_quantiles_match_torch(capi: ctypes.CDLL, n: int) -> None:
+    q = np.empty(n)
+    assert capi.ipu_norm_gaussian_quantiles_f64(n, _ptr(q)) == 0
+    np.testing.assert_allclose(q, gaussian_quantiles(n, dtype=torch.float64).numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(q, -q[::-1])  # exactly symmetric
+
+
+@needs_cxx
+@pytest.mark.parametrize("act", PROXY_ACTS)
+@pytest.mark.parametrize("n", [200, 31])
+def test_kernel_matches_torch_op_float64(capi: ctypes.CDLL, act: str, n: int) -> None:
+    params = _random_params(11)
+    mean, var = _cpp_forward(capi, act, n, params)
+    tparams = [torch.from_numpy(p.copy()).requires_grad_() for p in params]
+    t_mean, t_var = proxy_stats(*tparams, act=act, num_quantiles=n)
+    np.testing.assert_allclose(mean, t_mean.detach().numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(var, t_var.detach().numpy(), rtol=1e-10, atol=1e-10)
+
+    rng = np.random.default_rng(7)
+    gm, gv = rng.normal(size=11), rng.normal(size=11)
+    grads = _cpp_backward(capi, act, n, params, gm, gv)
+    t_grads = torch.autograd.grad((t_mean * torch.from_numpy(gm) + t_var * torch.from_numpy(gv)).sum(), tparams)
+    for got, want in zip(grads, t_grads):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-10)
+    # and the independent plain-autograd reference
+    r_mean, _ = proxy_stats_reference(*tparams, act=act, num_quantiles=n)
+    np.testing.assert_allclose(mean, r_mean.detach().numpy(), rtol=1e-10, atol=1e-10)
+
+
+@needs_cxx
+def test_kernel_float32(capi: ctypes.CDLL) -> None:
+    params = [p.astype(np.float32) for p in _random_params(8)]
+    gm, gv = np.ones(8, np.float32), np.full(8, 0.5, np.float32)
+    for act in PROXY_ACTS:
+        mean, var = _cpp_forward(capi, act, 200, params)
+        tparams = [torch.from_numpy(p.copy()).double().requires_grad_() for p in params]
+        t_mean, t_var = proxy_stats(*tparams, act=act)
+        np.testing.assert_allclose(mean, t_mean.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var, t_var.detach().numpy(), rtol=1e-5, atol=1e-5)
+        grads = _cpp_backward(capi, act, 200, params, gm, gv)
+        t_grads = torch.autograd.grad((t_mean + 0.5 * t_var).sum(), tparams)
+        for got, want in zip(grads, t_grads):
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@needs_cxx
+def test_kernel_rejects_bad_arguments(capi: ctypes.CDLL) -> None:
+    params = _random_params(3)
+    mean, var = np.empty(3), np.empty(3)
+    fwd = capi.ipu_norm_proxy_stats_forward_f64
+    assert fwd(b"tanh", 200, 3, *map(_ptr, params), _ptr(mean), _ptr(var)) == 1
+    assert fwd(b"relu", 1, 3, *map(_ptr, params), _ptr(mean), _ptr(var)) == 2
+
+
+@needs_cxx
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not found")
+def test_make_test_kernel_target(tmp_path: Path) -> None:
+    res = subprocess.run(["make", "-C", str(CUSTOM_OPS), "test-kernel", f"BUILD={tmp_path}", f"CXX={CXX}"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "libproxy_stats_capi.so").is_file()
+
+
+def _sdk_present() -> bool:
+    if os.environ.get("POPLAR_SDK_ENABLED"):
+        return True
+    try:
+        import popart  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not found")
+@pytest.mark.skipif(_sdk_present(), reason="the Poplar SDK is present: the library would build")
+def test_make_without_sdk_fails_with_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("POPLAR_SDK_ENABLED", "CPATH")}
+    res = subprocess.run(["make", "-C", str(CUSTOM_OPS), f"BUILD={tmp_path}", f"PYTHON={sys.executable}"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode != 0
+    assert "Poplar SDK not found: source <sdk>/enable.sh" in res.stderr
+    out = res.stdout + res.stderr
+    assert "error:" not in out and "fatal error" not in out  # stopped before any compiler ran
+    assert not (tmp_path / "custom_ops.so").exists()
+
+
+def test_popart_source_registers_the_python_names() -> None:
+    """The identifiers in the PopART source match what proxy_stats_ipu passes to poptorch.custom_op."""
+    from ipu_norm.ops import proxy_stats_ipu as ipu
+
+    src = (CUSTOM_OPS / "proxy_stats_popart.cpp").read_text()
+    assert re.search(rf'\{{"{ipu.CUSTOM_OP_DOMAIN}", "{ipu.CUSTOM_OP_NAME}", {ipu.CUSTOM_OP_VERSION}, \{{4, 4\}}, 2\}}',
+                     src)
+    for attr in ('"activation"', '"num_quantiles"'):
+        assert f"getAttribute<popart::Attributes::String>({attr}" in src or f"({attr}," in src
+    # the activation codes the header parses, in the order of PROXY_ACTS
+    header = (CUSTOM_OPS / "proxy_stats_kernel.hpp").read_text()
+    assert '{"relu", "silu", "gelu", "identity"}' in header and PROXY_ACTS == ("relu", "silu", "gelu", "identity")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IPU Model (needs the Poplar SDK; skipped here by conftest without poptorch).
+
+
+def _build_library() -> None:
+    res = subprocess.run(["make", "-C", str(CUSTOM_OPS)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+class _StatsModel(torch.nn.Module):
+    def __init__(self, c: int, act: str) -> None:
+        super().__init__()
+        self.act = act
+        gen = torch.Generator().manual_seed(0)
+        self.gamma = torch.nn.Parameter(torch.randn(c, generator=gen))
+        self.beta = torch.nn.Parameter(torch.randn(c, generator=gen))
+        self.proxy_gamma = torch.nn.Parameter(0.3 * torch.randn(c, generator=gen))
+        self.proxy_beta = torch.nn.Parameter(0.3 * torch.randn(c, generator=gen))
+
+    def forward(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, var = proxy_stats(self.gamma, self.beta, self.proxy_gamma, self.proxy_beta, self.act)
+        loss = (mean * weights).sum() + (var * weights).sum()
+        import poptorch
+
+        return mean, var, poptorch.identity_loss(loss, reduction="none")
+
+
+@pytest.mark.ipu
+@pytest.mark.parametrize("act", PROXY_ACTS)
+def test_popart_op_on_ipu_model(act: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import poptorch
+
+    monkeypatch.setenv("POPTORCH_IPU_MODEL", "1")
+    _build_library()
+    model = _StatsModel(8, act)
+    ref = _StatsModel(8, act)
+    weights = torch.linspace(0.5, 1.5, 8)
+    opts = poptorch.Options().useIpuModel(True)
+
+    infer = poptorch.inferenceModel(model, opts)
+    mean, var, _ = infer(weights)
+    r_mean, r_var = proxy_stats_reference(ref.gamma, ref.beta, ref.proxy_gamma, ref.proxy_beta, act)
+    torch.testing.assert_close(mean, r_mean.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, r_var.detach(), rtol=1e-4, atol=1e-5)
+    infer.detachFromDevice()
+
+    # One SGD step (lr 1, no momentum) on the IPU equals one step with the reference gradients.
+    train = poptorch.trainingModel(model, opts, optimizer=poptorch.optim.SGD(model.parameters(), lr=1.0))
+    train(weights)
+    train.copyWeightsToHost()
+    r_mean, r_var = proxy_stats_reference(ref.gamma, ref.beta, ref.proxy_gamma, ref.proxy_beta, act)
+    grads = torch.autograd.grad((r_mean * weights).sum() + (r_var * weights).sum(), list(ref.parameters()))
+    for p_ipu, p_ref, g in zip(model.parameters(), ref.parameters(), grads):
+        torch.testing.assert_close(p_ipu.detach(), (p_ref - g).detach(), rtol=1e-4, atol=1e-5)
+    train.detachFromDevice()
