@@ -163,6 +163,25 @@ def test_errors_and_meta() -> None:
     assert mean.shape == var.shape == (7,) and mean.device.type == "meta"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference() -> None:
+    params = [t.detach().cuda().requires_grad_() for t in _params(9)]
+    for act in PROXY_ACTS:
+        out = proxy_stats(*params, act=act)
+        ref = proxy_stats_reference(*params, act=act)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out[0].sum() + 0.7 * out[1].sum(), params)
+        grads_r = torch.autograd.grad(ref[0].sum() + 0.7 * ref[1].sum(), params)
+        for got, want in zip(grads, grads_r):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    p32 = [t.detach().float() for t in params]
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        mean, var = proxy_stats(*p32, act="gelu")
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean, proxy_stats(*p32, act="gelu")[0])
+
+
 def _compile_parity(backend: str) -> None:
     torch._dynamo.reset()
     layer = ProxyNormAct(6, act="silu").double()
