@@ -101,6 +101,7 @@ class IPUPlan:
     optimizer_on_chip: bool = True
     replicated_tensor_sharding: bool = False
     recompute: str = "none"
+    checkpoints: list[str] | None = None  # units whose outputs are kept ('blocks.3'); None = every block
     available_memory_proportion: float | Sequence[float] = DEFAULT_AMP
     ipu_memory_bytes: int = IPU_MEMORY_BYTES
     overhead_fraction: float = DEFAULT_OVERHEAD_FRACTION
@@ -174,6 +175,9 @@ class IPUPlan:
         rc = get("recompute", "recompute_mode", "recomputation")
         if rc is not None:
             kw["recompute"] = rc
+        cps = get("recompute_checkpoints")
+        if cps:
+            kw["checkpoints"] = [str(c) for c in cps]
         kw.update(overrides)
         if "micro_batch_size" not in kw:
             raise ValueError("the plan/config names no micro_batch_size")
@@ -365,11 +369,15 @@ def stage_estimate(
     if plan.recompute == "none":
         acts = n_flight * (sum(per_block) + loss_bytes)
     elif plan.recompute == "checkpoints":
-        stash = sum(b.input_per_sample for b in blocks) * mb * compute_b
-        acts = n_flight * stash + max(per_block) + loss_bytes
+        segments = _segments(blocks, plan.checkpoints)
+        # stash: the stage input plus the output of every checkpoint inside the stage (= next segment's input)
+        seg_in = [blocks[seg[0]].input_per_sample * mb * compute_b for seg in segments]
+        # The rebuilt segment's own input is already in the stash (a block's first op saves its input).
+        rebuilt = max(max(sum(per_block[i] for i in seg) - x, 0.0) for seg, x in zip(segments, seg_in))
+        acts = n_flight * sum(seg_in) + rebuilt + loss_bytes
     else:  # "stage": stash the stage input only, rebuild the whole stage for one micro-batch
         stash = blocks[0].input_per_sample * mb * compute_b
-        acts = n_flight * stash + sum(per_block) + loss_bytes
+        acts = n_flight * stash + max(sum(per_block) - stash, 0.0) + loss_bytes
     boundary = max(max(b.input_per_sample, b.output_per_sample) for b in blocks) * mb * compute_b
     temp = min(TEMP_BOUNDARY_FACTOR * boundary, plan.amp(index) * plan.ipu_memory_bytes)
     return StageEstimate(
@@ -385,6 +393,27 @@ def stage_estimate(
         overhead=plan.overhead_fraction * plan.ipu_memory_bytes,
         budget=plan.ipu_memory_bytes,
     )
+
+
+def _segments(blocks: Sequence[BlockScaling], checkpoints: Sequence[str] | None) -> list[list[int]]:
+    """Recomputation segments of a stage: a checkpointed unit's output starts a new segment after it.
+
+    checkpoints None = every block is a checkpoint (each block its own segment). A name inside a unit
+    ('blocks.3.conv2') counts as that unit's output being kept (conservative: the unit's rest is recomputed).
+    """
+    if checkpoints is None:
+        return [[i] for i in range(len(blocks))]
+    names = [b.name for b in blocks]
+    kept = {i for i, n in enumerate(names) for c in checkpoints if c == n or str(c).startswith(n + ".")}
+    segs, cur = [], []
+    for i in range(len(blocks)):
+        cur.append(i)
+        if i in kept:
+            segs.append(cur)
+            cur = []
+    if cur:
+        segs.append(cur)
+    return segs
 
 
 def _resolve_splits(profile: ActivationProfile, splits: Sequence[Any]) -> list[int]:
@@ -570,12 +599,19 @@ def plan_fits(
 
 
 def max_micro_batch(profile: ActivationProfile, base: IPUPlan, num_ipus: int, limit: int = 4096) -> int:
-    """Largest micro-batch that fits on `num_ipus` stages with `base`'s other settings (0 if none does)."""
+    """Largest micro-batch that fits on `num_ipus` stages with `base`'s other settings (0 if none does).
+
+    Memory grows with the micro-batch, so the answer is found by doubling then bisection.
+    """
+
+    # A split given for this many stages is kept (it is what the trainer will run); otherwise the
+    # memory-balanced split is chosen for every micro-batch.
+    keep = base.splits is not None and base.num_stages == num_ipus
 
     def fits(mb: int) -> bool:
-        p = replace(base, micro_batch_size=mb, num_stages=num_ipus, splits=None,
+        p = replace(base, micro_batch_size=mb, num_stages=num_ipus, splits=base.splits if keep else None,
                     gradient_accumulation=max(base.gradient_accumulation, num_ipus if num_ipus > 1 else 1))
-        return (estimate_plan(profile, p) if num_ipus > 1 else estimate_plan(profile, p, [])).fits
+        return (estimate_plan(profile, p) if num_ipus > 1 or keep else estimate_plan(profile, p, [])).fits
 
     if num_ipus > len(profile.blocks) or not fits(1):
         return 0
@@ -603,8 +639,9 @@ def assumptions_text(plan: IPUPlan) -> str:
         + ("on chip" if plan.optimizer_on_chip else "off chip (Streaming Memory: not counted)") + ".",
         "pipeline: stage k of S holds 2(S-k)-1 micro-batches of activations in flight; stages balanced by "
         "memory (exact minimax over contiguous splits of stem, blocks.*, head; ipu.splitter considered if present).",
-        "recompute 'checkpoints': in-flight micro-batches keep every block input; one micro-batch's largest "
-        "block is rebuilt in backward.",
+        "recompute 'checkpoints': in-flight micro-batches keep the stage input and every checkpoint output "
+        "(default: every block's); one micro-batch's largest segment between checkpoints is rebuilt in backward "
+        "(its saved tensors less its input, already stashed).",
         f"temporary memory = {TEMP_BOUNDARY_FACTOR} x largest block-boundary tensor of one micro-batch, capped at "
         f"available_memory_proportion ({plan.available_memory_proportion}) x IPU memory.",
         "activations = measured saved-for-backward tensors per block (CPU, fp32, dedup by storage) re-priced at "
@@ -628,9 +665,14 @@ def format_plan_error(est: PlanEstimate, suggestions: Sequence[str]) -> str:
 def suggest(profile: ActivationProfile, plan: IPUPlan) -> list[str]:
     """Concrete changes that would make `plan` fit (each checked with the same estimate)."""
     out = []
-    mb = max_micro_batch(profile, replace(plan, splits=None), plan.num_stages)
+    mb = max_micro_batch(profile, plan, plan.num_stages)
     if 0 < mb < plan.micro_batch_size:
         out.append(f"micro_batch_size <= {mb}")
+    if plan.splits is not None and plan.num_stages > 1:
+        bal = best_split(profile, replace(plan, splits=None))
+        if bal.fits:
+            names = ", ".join(profile.names[i] for i in bal.splits)
+            out.append(f"pipeline_splits [{names}] (memory-balanced)")
     for n in (2, 4, 8, 16):
         if n > plan.num_stages and n <= len(profile.blocks):
             p = replace(plan, num_stages=n, splits=None, gradient_accumulation=max(plan.gradient_accumulation, n))

@@ -484,7 +484,8 @@ class ActivationProfile:
 
     resolution: int
     blocks: list[BlockScaling]
-    extra_float_per_sample: float = 0.0
+    extra_float_per_sample: float = 0.0  # saved outside every block (the loss)
+    extra_float_const: float = 0.0
     measured_at: tuple[int, ...] = ()
     verified_at: tuple[int, ...] = ()
     max_rel_error: float | None = None  # of the fit at the verification sizes
@@ -492,7 +493,7 @@ class ActivationProfile:
 
     def total_bytes(self, micro_batch: int, float_bytes: int = 4) -> float:
         return sum(b.saved_bytes(micro_batch, float_bytes) for b in self.blocks) + (
-            self.extra_float_per_sample * micro_batch * float_bytes
+            (self.extra_float_const + self.extra_float_per_sample * micro_batch) * float_bytes
         )
 
     @property
@@ -519,8 +520,8 @@ def profile_from_measurements(a: ActivationMeasurement, b: ActivationMeasurement
                 ra.name, fs, fc, os_, oc, rb.input_elems / m2, rb.output_elems / m2, ra.param_elems
             )
         )
-    extra_slope, _ = _fit(a.extra_float_elems, b.extra_float_elems, m1, m2)
-    return ActivationProfile(a.resolution, blocks, extra_slope, measured_at=(m1, m2))
+    extra_slope, extra_const = _fit(a.extra_float_elems, b.extra_float_elems, m1, m2)
+    return ActivationProfile(a.resolution, blocks, extra_slope, extra_const, measured_at=(m1, m2))
 
 
 def fit_activation_scaling(
