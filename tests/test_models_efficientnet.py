@@ -253,6 +253,15 @@ def test_flops_published_b0() -> None:
     assert count_flops(m, 224).gflops == pytest.approx(0.39, abs=0.01)  # Tan & Le 2019: 0.39B FLOPs (MACs)
 
 
+def test_model_table_rows_cover_families() -> None:
+    rows = model_rows("*resnet50")  # ours and, when registered, the NF family's nf_resnet50
+    assert [r["name"] for r in rows] == list_models("*resnet50")
+    r50 = rows[[r["name"] for r in rows].index("resnet50")]
+    assert (r50["family"], r50["norm"], r50["train_size"], r50["test_size"]) == ("resnet", "bn", 224, 224)
+    assert r50["gflops"] == pytest.approx(4.09, abs=0.01)
+
+
+@pytest.mark.slow
 def test_model_table_lists_every_registered_model() -> None:
     rows = model_rows("*", flops=False)
     assert [r["name"] for r in rows] == list_models()

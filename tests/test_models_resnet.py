@@ -193,3 +193,17 @@ def test_count_flops_leaves_real_model_untouched() -> None:
     assert all(p.device.type == "cpu" for p in m.parameters())
     # Stem conv by hand: 8 output channels, 16x16 output, 3*7*7 MACs each.
     assert f.macs > 8 * 16 * 16 * 3 * 49
+
+
+def test_count_flops_falls_back_to_a_real_pass() -> None:
+    class MakesRealTensors(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + torch.ones(4, 1, 1)  # a CPU tensor: cannot be mixed with meta ones
+
+    with pytest.warns(UserWarning, match="real forward pass"):
+        f = count_flops(MakesRealTensors(), 8)
+    assert f.macs == 4 * 8 * 8 * 3 * 9
