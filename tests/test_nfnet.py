@@ -163,6 +163,15 @@ def test_stochastic_depth_is_per_example_without_rescale() -> None:
     assert 10 < sum(dropped) < 60
 
 
+def test_zero_init_last_option() -> None:
+    f0 = _meta("nfnet_f0", zero_init_last=False)
+    assert not f0.zero_init_last
+    r = NormFreeNet(nf_resnet_cfg(depths=(1, 1, 1, 1), channels=(16, 32, 64, 128)), zero_init_last=False)
+    assert all((b.conv3.gain == 1).all() for b in r.blocks)
+    r = NormFreeNet(nf_resnet_cfg(depths=(1, 1, 1, 1), channels=(16, 32, 64, 128)))
+    assert all((b.conv3.gain == 0).all() for b in r.blocks)
+
+
 def test_nf_resnet50_structure() -> None:
     m = _meta("nf_resnet50")
     assert m.stem.conv.kernel_size == (7, 7) and m.stem.conv.stride == (2, 2)
@@ -205,12 +214,8 @@ def test_nf_resnet50_forward_last_gain_zero_init() -> None:
 
 
 def _enable_branches(m: NormFreeNet) -> None:
-    with torch.no_grad():
-        for b in m.blocks:
-            if b.skip_gain is not None:
-                b.skip_gain.fill_(1.0)
-            else:
-                b.conv3.gain.fill_(1.0)
+    m.set_branch_gains(1.0)
+    assert all((b.skip_gain if b.skip_gain is not None else b.conv3.gain).eq(1).all() for b in m.blocks)
 
 
 def _stage_variances(m: NormFreeNet, hw: int = 32, batch: int = 4) -> list[tuple[list[float], list[float]]]:

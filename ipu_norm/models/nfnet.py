@@ -221,6 +221,10 @@ def _make_stem(cfg: NFNetCfg, in_chans: int, act_layer: Callable[[], nn.Module],
 class NormFreeNet(nn.Module):
     """Normalizer-free network following the project's model contract (ipu_norm/models/registry.py).
 
+    Keyword args (None = the cfg's value): drop_rate (dropout before fc), drop_path_rate (stochastic depth of
+    the last block), ws_form / ws_eps (weight standardization, ipu_norm/layers/weight_std.py), zero_init_last
+    (default True: skip gains / last WS gains start at 0; False starts them at 1).
+
     Attributes beyond the contract: `expected_vars[i]` (expected variance of the residual stream entering
     block i, beta_i = expected_vars[i] ** -0.5), `block_stage[i]` (stage index of block i), `cfg`.
     """
@@ -235,11 +239,14 @@ class NormFreeNet(nn.Module):
         drop_path_rate: float | None = None,
         ws_form: str | None = None,
         ws_eps: float | None = None,
+        zero_init_last: bool | None = None,
         name: str = "nfnet",
     ) -> None:
         super().__init__()
         drop_rate = cfg.drop_rate if drop_rate is None else float(drop_rate)
         drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else float(drop_path_rate)
+        # Residual branches start switched off (skip gain / last WS gain = 0) unless zero_init_last=False.
+        self.zero_init_last = True if zero_init_last is None else bool(zero_init_last)
         ws_form = cfg.ws_form if ws_form is None else ws_form
         if ws_form not in WS_FORMS:
             raise ValueError(f"unknown weight-standardization form {ws_form!r}; expected one of {WS_FORMS}")
@@ -297,6 +304,8 @@ class NormFreeNet(nn.Module):
         self.num_features = self.head.num_features
         self.num_classes = num_classes
         self._init_weights()
+        if not self.zero_init_last:
+            self.set_branch_gains(1.0)
         self.default_cfg = {
             "train_size": cfg.train_size,
             "test_size": cfg.test_size,
@@ -322,6 +331,15 @@ class NormFreeNet(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.head.fc.bias)
+
+    @torch.no_grad()
+    def set_branch_gains(self, value: float) -> None:
+        """Set what zero-initialises the residual branches (scalar skip gains, or the last conv's WS gain)."""
+        for b in self.blocks:
+            if b.skip_gain is not None:
+                b.skip_gain.fill_(value)
+            else:
+                b.conv3.gain.fill_(value)
 
     def get_classifier(self) -> nn.Linear:
         """The final Linear layer (excluded from AGC)."""

@@ -20,8 +20,8 @@ Where to call it (the gradient must be the one the optimizer is about to apply):
 3. DDP: DistributedDataParallel all-reduces (averages) gradients during the last backward (with
    ``no_sync()`` on the earlier micro-batches), so calling AGC after that backward clips the global
    gradient, identically on every replica. Clipping before the all-reduce would give a different update.
-4. On IPUs the optimizer runs on device inside PopTorch's compiled step, where this eager function cannot
-   run; the IPU path needs AGC expressed inside the training graph (see the ipu package).
+4. On IPUs the optimizer runs on device inside PopTorch's compiled step, where this eager function never
+   sees the gradients; AGC there would have to be part of the compiled graph (not provided by this module).
 
 Clipping is applied before weight decay and momentum (the optimizer sees the clipped gradient).
 """
