@@ -22,6 +22,7 @@ Backward with w_ci = (gm_c + 2 gv_c (z_ci - mean_c)) phi'(u_ci) / n, S0 = sum_i 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -174,6 +175,13 @@ def _proxy_u(
     return torch.addmm(c[:, None], a[:, None], q[None, :])
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for this device type (a no-op where the device has no autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _check_inputs(tensors: tuple[torch.Tensor, ...], act: str, num_quantiles: int) -> None:
     if act not in PROXY_ACTS:
         raise ValueError(f"proxy_stats supports activations {PROXY_ACTS}, got {act!r}")
@@ -204,7 +212,7 @@ def _proxy_stats_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Custom op forward: (mean, var) per channel; inputs (C,) of one float32/float64 dtype."""
     _check_inputs((gamma, beta, proxy_gamma, proxy_beta), act, num_quantiles)
-    with torch.autocast(device_type=gamma.device.type, enabled=False):
+    with _no_autocast(gamma.device.type):
         q = _cached_quantiles(num_quantiles, gamma.device, gamma.dtype)
         mean, var = _mean_var_(_act_(_proxy_u(gamma, beta, proxy_gamma, proxy_beta, q), act))
     return mean, var
@@ -270,7 +278,7 @@ def _proxy_stats_backward_op(
     """Analytic backward of ipu_norm::proxy_stats: (d gamma, d beta, d proxy_gamma, d proxy_beta)."""
     _check_inputs((grad_mean, grad_var, gamma, beta, proxy_gamma, proxy_beta), act, num_quantiles)
     n = num_quantiles
-    with torch.autocast(device_type=gamma.device.type, enabled=False):
+    with _no_autocast(gamma.device.type):
         q = _cached_quantiles(n, gamma.device, gamma.dtype)
         u = _proxy_u(gamma, beta, proxy_gamma, proxy_beta, q)
         # For identity z is u itself and is overwritten below: fine, its vjp never reads u.
@@ -394,11 +402,7 @@ def proxy_stats(
 
         return proxy_stats_ipu(gamma, beta, proxy_gamma, proxy_beta, act_name, num_quantiles)
     dtype = _stats_dtype(gamma)
-    device_type = gamma.device.type
-    if torch.amp.is_autocast_available(device_type):
-        # The casts below must stay fp32 even when called inside torch.autocast(bf16/fp16).
-        with torch.autocast(device_type=device_type, enabled=False):
-            args = tuple(t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta))
-            return torch.ops.ipu_norm.proxy_stats(*args, act_name, num_quantiles)
-    args = tuple(t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta))
-    return torch.ops.ipu_norm.proxy_stats(*args, act_name, num_quantiles)
+    # The casts must stay fp32 even when called inside torch.autocast(bf16/fp16).
+    with _no_autocast(gamma.device.type):
+        args = tuple(t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta))
+        return torch.ops.ipu_norm.proxy_stats(*args, act_name, num_quantiles)
