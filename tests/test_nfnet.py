@@ -55,6 +55,18 @@ def test_nfnet_param_counts_and_cfg(name: str) -> None:
     assert m.head.drop.p == drop
 
 
+@pytest.mark.parametrize("name,gmacs", [("nfnet_f0", 12.38), ("nfnet_f1", 35.54)])
+def test_nfnet_flops_at_test_resolution(name: str, gmacs: float) -> None:
+    # REFERENCE.md's "FLOPs" are multiply-adds (DeepMind's count_flops); FlopCounterMode counts 2 per MAC.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = _meta(name).eval()
+    size = m.default_cfg["test_size"]
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        m(torch.empty(1, 3, size, size))
+    assert counter.get_total_flops() / 2 / 1e9 == pytest.approx(gmacs, rel=5e-3)
+
+
 def test_nf_resnet50_param_count() -> None:
     m = _meta("nf_resnet50")
     assert abs(_count(m) - 25.56) <= 0.005, _count(m)
