@@ -276,3 +276,27 @@ def test_model_table_cli(capsys: pytest.CaptureFixture) -> None:
     assert len(out) == 4 and out[2].startswith("| efficientnet_b0 | efficientnet | ln+pn | 5.33 | 0.39 | 160/224 |")
     assert out[3].startswith("| efficientnet_b0_g16 |")
     assert main(["--filter", "no_such_model*"]) == 1
+
+
+def test_zero_init_last_only_on_residual_blocks() -> None:
+    m = _tiny("gn+pn", zero_init_last=True).eval()
+    for b in m.blocks:
+        gain = b.conv_pwl.norm.weight
+        assert torch.count_nonzero(gain) == (0 if b.has_skip else gain.numel())
+    res = [b for b in m.blocks if b.has_skip]
+    assert res
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(res[0](x), x)  # a residual block starts as the identity
+
+
+def test_trainer_kwargs_accepted() -> None:
+    with torch.device("meta"):
+        m = create_model("efficientnet_b2_g16", norm="gn", norm_groups=8, drop_rate=0.1, drop_path_rate=0.1,
+                         zero_init_last=True, num_classes=3)
+    assert m.head.drop.p == 0.1 and m.head.fc.out_features == 3
+    assert {x.num_groups for x in m.modules() if isinstance(x, GroupNormAct)} == {8}
+    assert max(b.drop_path.drop_prob for b in m.blocks if b.has_skip) == pytest.approx(0.1 * (len(m.blocks) - 1)
+                                                                                       / len(m.blocks))
+    with torch.device("meta"):
+        assert create_model("efficientnet_b2").head.drop.p == 0.3  # None -> the variant's dropout

@@ -207,3 +207,30 @@ def test_count_flops_falls_back_to_a_real_pass() -> None:
     with pytest.warns(UserWarning, match="real forward pass"):
         f = count_flops(MakesRealTensors(), 8)
     assert f.macs == 4 * 8 * 8 * 3 * 9
+
+
+def test_drop_path_rates_and_trainer_kwargs() -> None:
+    # The trainer passes norm, norm_groups, drop_rate, drop_path_rate, zero_init_last to every family.
+    with torch.device("meta"):
+        m = create_model("resnet50", norm="gn", norm_groups=2, drop_rate=0.1, drop_path_rate=0.15,
+                         zero_init_last=True)
+    n = len(m.blocks)
+    assert isinstance(m.blocks[0].drop_path, nn.Identity)  # rate 0 for the first block
+    for i, b in enumerate(list(m.blocks)[1:], start=1):
+        assert b.drop_path.drop_prob == pytest.approx(0.15 * i / (n - 1))
+    assert m.blocks[-1].drop_path.drop_prob == pytest.approx(0.15)
+
+
+def test_drop_path_only_in_training() -> None:
+    m = _tiny("ln", drop_path_rate=0.5)
+    x = torch.randn(8, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x))
+    m.train()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = m(x)
+        torch.manual_seed(4)
+        b = m(x)
+    assert (a - b).abs().max() > 0

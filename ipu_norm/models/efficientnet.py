@@ -132,6 +132,7 @@ class MBConv(nn.Module):
         norm_kw: dict[str, Any],
         drop_path_rate: float = 0.0,
         se_ratio: float = 0.25,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         mid = make_divisible(in_chans * expand_ratio, 8)
@@ -142,7 +143,10 @@ class MBConv(nn.Module):
             mid, mid, kernel_size, norm, "silu", stride=stride, groups=conv_groups(mid, group_size), norm_kw=norm_kw
         )
         self.se = SqueezeExcite(mid, max(1, int(in_chans * se_ratio)), act="silu")
-        self.conv_pwl = ConvNormAct(mid, out_chans, 1, norm, None, norm_kw=norm_kw)
+        # zero_init_last only on residual blocks: a block without shortcut would output zeros.
+        self.conv_pwl = ConvNormAct(
+            mid, out_chans, 1, norm, None, norm_kw={**norm_kw, "zero_init": zero_init_last and self.has_skip}
+        )
         self.drop_path = DropPath(drop_path_rate) if self.has_skip and drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +184,7 @@ class EfficientNet(nn.Module):
         group_first_stage: group the first stage's kxk conv too (Graphcore's G16 does; see module doc).
         drop_rate: dropout before the classifier; drop_path_rate: final stochastic depth rate.
         norm_groups, eps: GroupNorm groups and norm epsilon passed to create_norm_act.
+        zero_init_last: zero the projection norm gain of the residual blocks (default False, as torchvision).
         stages: override the (expand, kernel, stride, in, out, repeats) table (tiny test models).
     """
 
@@ -197,6 +202,7 @@ class EfficientNet(nn.Module):
         drop_path_rate: float = 0.2,
         norm_groups: int | None = None,
         eps: float | None = None,
+        zero_init_last: bool = False,
         stages: tuple[tuple[int, int, int, int, int, int], ...] = _BASE_STAGES,
     ) -> None:
         super().__init__()
@@ -216,7 +222,9 @@ class EfficientNet(nn.Module):
         blocks = []
         for idx, (cin, cout, k, s, exp, gs) in enumerate(plan):
             dpr = drop_path_rate * idx / len(plan)
-            blocks.append(MBConv(cin, cout, k, s, exp, gs, self.norm, norm_kw, drop_path_rate=dpr))
+            blocks.append(
+                MBConv(cin, cout, k, s, exp, gs, self.norm, norm_kw, drop_path_rate=dpr, zero_init_last=zero_init_last)
+            )
         self.blocks = nn.Sequential(*blocks)
 
         last = plan[-1][1]
@@ -249,9 +257,20 @@ class EfficientNet(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def _create_efficientnet(variant: str, g16: bool, norm: str = "bn", num_classes: int = 1000, **kw: Any) -> EfficientNet:
-    width, depth, drop_rate, train_size, test_size, bn_eps = EFFICIENTNET_VARIANTS[variant]
-    kw.setdefault("drop_rate", drop_rate)
+def _create_efficientnet(
+    variant: str,
+    g16: bool,
+    norm: str = "bn",
+    num_classes: int = 1000,
+    norm_groups: int | None = None,
+    drop_rate: float | None = None,
+    drop_path_rate: float = 0.2,
+    zero_init_last: bool = False,
+    **kw: Any,
+) -> EfficientNet:
+    width, depth, default_drop, train_size, test_size, bn_eps = EFFICIENTNET_VARIANTS[variant]
+    kw.update(norm_groups=norm_groups, drop_path_rate=drop_path_rate, zero_init_last=zero_init_last)
+    kw["drop_rate"] = default_drop if drop_rate is None else drop_rate
     if parse_norm(norm).base == "bn":
         kw.setdefault("eps", bn_eps)
     if g16:
@@ -275,12 +294,24 @@ def _doc(variant: str, g16: bool) -> str:
     width, depth, drop, train, test, _ = EFFICIENTNET_VARIANTS[variant]
     kind = "G16 (group size 16, expand ratio 4)" if g16 else "G1 (depthwise, expand ratio 6)"
     return (f"EfficientNet-{variant.upper()} {kind}: width {width}, depth {depth}, dropout {drop}, "
-            f"train/test {train}/{test}. Keyword arguments go to EfficientNet.")
+            f"train/test {train}/{test}. drop_rate None = the variant's dropout; other keyword arguments "
+            "(eps, group_size, expand_ratio, group_first_stage, in_chans) go to EfficientNet.")
 
 
 def _register(variant: str, g16: bool) -> None:
-    def builder(norm: str = "bn", num_classes: int = 1000, **kw: Any) -> EfficientNet:
-        return _create_efficientnet(variant, g16, norm=norm, num_classes=num_classes, **kw)
+    def builder(
+        norm: str = "bn",
+        num_classes: int = 1000,
+        norm_groups: int | None = None,
+        drop_rate: float | None = None,
+        drop_path_rate: float = 0.2,
+        zero_init_last: bool = False,
+        **kw: Any,
+    ) -> EfficientNet:
+        return _create_efficientnet(
+            variant, g16, norm=norm, num_classes=num_classes, norm_groups=norm_groups, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate, zero_init_last=zero_init_last, **kw,
+        )
 
     builder.__name__ = builder.__qualname__ = f"efficientnet_{variant}" + ("_g16" if g16 else "")
     builder.__doc__ = _doc(variant, g16)

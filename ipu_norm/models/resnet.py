@@ -10,7 +10,8 @@ Architecture (identical to torchvision.models.resnet, so BN models import its we
 - head: global average pool -> dropout -> Linear.
 
 `zero_init_last=True` zeroes the gain of the last norm of every residual branch (Goyal et al. 2017), so
-each block starts as the identity.
+each block starts as the identity. `drop_path_rate` adds stochastic depth on the residual branches (not in
+torchvision; rate * i / (N - 1) for block i of N, as timm's ResNet), default 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.layers.norm_act import create_norm_act, parse_norm
 from ipu_norm.models.registry import register_model
 
@@ -75,7 +77,14 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, in_chans: int, width: int, stride: int, norm: str, norm_kw: dict[str, Any], zero_init_last: bool
+        self,
+        in_chans: int,
+        width: int,
+        stride: int,
+        norm: str,
+        norm_kw: dict[str, Any],
+        zero_init_last: bool,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         out_chans = width * self.expansion
@@ -88,11 +97,12 @@ class BasicBlock(nn.Module):
         self.downsample = (
             Downsample(in_chans, out_chans, stride, norm, norm_kw) if stride != 1 or in_chans != out_chans else None
         )
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.norm2(self.conv2(self.norm1(self.conv1(x))))
-        return F.relu(out + shortcut)
+        return F.relu(self.drop_path(out) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -101,7 +111,14 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, in_chans: int, width: int, stride: int, norm: str, norm_kw: dict[str, Any], zero_init_last: bool
+        self,
+        in_chans: int,
+        width: int,
+        stride: int,
+        norm: str,
+        norm_kw: dict[str, Any],
+        zero_init_last: bool,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         out_chans = width * self.expansion
@@ -114,13 +131,14 @@ class Bottleneck(nn.Module):
         self.downsample = (
             Downsample(in_chans, out_chans, stride, norm, norm_kw) if stride != 1 or in_chans != out_chans else None
         )
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.norm1(self.conv1(x))
         out = self.norm2(self.conv2(out))
         out = self.norm3(self.conv3(out))
-        return F.relu(out + shortcut)
+        return F.relu(self.drop_path(out) + shortcut)
 
 
 class ResNet(nn.Module):
@@ -134,6 +152,7 @@ class ResNet(nn.Module):
         norm_groups: GroupNorm groups for 'gn' (default of create_norm_act: 4).
         eps: the norm's epsilon (default of create_norm_act: 1e-5 for bn, 1e-3 for gn/ln).
         zero_init_last: zero the last norm gain of every residual branch.
+        drop_rate: dropout before the classifier; drop_path_rate: stochastic depth of the last block.
     """
 
     def __init__(
@@ -149,6 +168,7 @@ class ResNet(nn.Module):
         norm_groups: int | None = None,
         eps: float | None = None,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if len(depths) != len(widths):
@@ -158,10 +178,12 @@ class ResNet(nn.Module):
         self.stem = ResNetStem(in_chans, stem_width, self.norm, norm_kw)
         blocks: list[nn.Module] = []
         chans = stem_width
+        n_blocks = sum(depths)
         for stage, (depth, width) in enumerate(zip(depths, widths)):
             for i in range(depth):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(block(chans, width, stride, self.norm, norm_kw, zero_init_last))
+                dpr = drop_path_rate * len(blocks) / max(n_blocks - 1, 1)
+                blocks.append(block(chans, width, stride, self.norm, norm_kw, zero_init_last, dpr))
                 chans = width * block.expansion
         self.blocks = nn.Sequential(*blocks)
         self.num_features = chans
