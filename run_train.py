@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if not result.is_main:
+        return 0
     metrics = {k: v for k, v in result.final_metrics.items() if k not in ("kind", "time_s")}
     print(f"done: {result.global_step} steps, {result.epoch} epochs; {metrics}; run dir {result.run_dir}")
     return 0

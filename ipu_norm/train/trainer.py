@@ -59,6 +59,7 @@ class RunResult:
     final_metrics: dict[str, Any]
     run_dir: Path
     last_checkpoint: Path | None
+    is_main: bool = True  # rank 0 (the process that writes files and prints)
 
 
 @contextlib.contextmanager
@@ -448,7 +449,7 @@ class Trainer:
                 self.save()
         finally:
             self.backend.close()
-        return RunResult(self.global_step, self.epoch, last_val, self.run_dir, self.last_checkpoint)
+        return RunResult(self.global_step, self.epoch, last_val, self.run_dir, self.last_checkpoint, self.is_main)
 
     def _validate(self, epoch: int) -> dict[str, Any]:
         metrics = self.evaluate()
