@@ -294,8 +294,9 @@ class NormFreeNet(nn.Module):
                 ))
                 prev_chs = out_chs
                 index += 1
-                # The transition block's conv shortcut sees phi(h)*beta, ~unit variance: reset, then grow.
-                if b == 0:
+                # A transition block's conv shortcut sees phi(h)*beta, ~unit variance: reset, then grow. (DeepMind
+                # resets after block 0 of every stage; that is the transition block in every config here.)
+                if blocks[-1].is_transition:
                     expected_var = 1.0
                 expected_var += cfg.alpha ** 2
         self.blocks = nn.Sequential(*blocks)
