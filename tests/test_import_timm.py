@@ -136,3 +136,18 @@ def test_import_without_classifier(r50_pair: tuple[nn.Module, NormFreeNet]) -> N
     load_timm_weights(other, src, include_classifier=False)
     assert torch.equal(other.get_classifier().weight, fc_before)
     torch.testing.assert_close(other.blocks[5].conv2.weight, ours.blocks[5].conv2.weight)
+
+
+@pytest.mark.parametrize("variant", ["f1", "f6"])
+def test_bigger_variants_map_one_to_one(variant: str) -> None:
+    # F1+ are too big to run on the CPU test budget; on the meta device check that every timm tensor lands on
+    # an ipu_norm parameter of the same shape and nothing is left over (the forward is F0's, tested above).
+    with torch.device("meta"):
+        src = timm.create_model(f"dm_nfnet_{variant}", pretrained=False)
+        ours = create_model(f"nfnet_{variant}")
+    converted = convert_timm_state_dict(src.state_dict())
+    target = ours.state_dict()
+    assert set(converted) == set(target)
+    assert all(converted[k].shape == target[k].shape for k in target)
+    load_timm_weights(ours, src)  # structural checks: gamma placement, padding and stride of every conv
+    assert all(m.form == "timm" for m in ours.modules() if isinstance(m, ScaledStdConv2d))
