@@ -485,7 +485,10 @@ def train(cfg: Config, *, resume: str | None = None, log: Callable[[str], None] 
         result = trainer.fit()
         if trainer.is_main:
             (trainer.run_dir / "final_metrics.json").write_text(
-                json.dumps({"global_step": result.global_step, "epoch": result.epoch, **result.final_metrics}, indent=2)
+                json.dumps(
+                    {**result.final_metrics, "global_step": result.global_step, "epochs_completed": result.epoch},
+                    indent=2,
+                )
             )
         return result
     finally:
