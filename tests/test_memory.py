@@ -368,3 +368,20 @@ def test_nan_free_totals() -> None:
     prof = synthetic_profile()
     e = estimate_plan(prof, IPUPlan(micro_batch_size=3, num_stages=2, gradient_accumulation=2))
     assert all(math.isfinite(s.total) and s.total > 0 for s in e.stages)
+
+
+@pytest.mark.slow  # ~5 s idle, ~20 s on the shared 2-core machine (model builds, real steps, matplotlib)
+def test_compare_cli_writes_tables_and_plot(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("matplotlib")
+    from ipu_norm.memory.compare import main
+
+    # Smallest useful run: ResNet-18 at 32 px (micro-batch >= 2 keeps BN valid on the 1x1 final map).
+    rc = main(["--models", "resnet18", "--norms", "bn", "gn+pn", "nf", "--micro-batch", "2", "4", "32",
+               "--resolution", "32", "--fit-sizes", "2", "4", "--verify-sizes", "3", "--peak-micro-batch", "2",
+               "--peak-norms", "bn", "--ipus", "1", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "memory_compare.md").read_text()
+    assert "## resnet18" in md and "| nf | n/a |" in md  # no NF ResNet-18: reported as n/a
+    assert "BN at micro-batch 32 vs GN+PN at micro-batch 2 x 16 accumulation" in md
+    assert "act@32" in md and "32*" not in md.split("act@32")[0]
+    assert (tmp_path / "memory_compare.png").stat().st_size > 1000

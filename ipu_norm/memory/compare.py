@@ -111,7 +111,8 @@ def measure_norm(
         # Gradients and optimizer state are the same with recomputation: no optimizer step for that copy.
         pk_rc = measure_peak(model, peak_mb, res, optimizer=None, recompute=True)
         peak, peak_rc, act_rc = pk.peak_fwd_bwd, pk_rc.peak_fwd_bwd, pk_rc.saved_bytes
-    else:  # gradients and optimizer state still come from one real step, on a small input
+    else:  # gradients and optimizer state still come from one real step, on a small input (their size
+        # does not depend on it); micro-batch 2 keeps BatchNorm's 1x1 final feature map valid in training
         pk = measure_peak(model, 2, 32, optimizer=optimizer)
     return NormResult(
         arch, norm, params, weights, pk.grad_bytes, pk.optimizer_state_bytes, prof, peak_mb, peak, peak_rc,
@@ -268,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of IPU memory reserved for code/exchange/control (not modelled per op)")
     p.add_argument("--ipus", nargs="+", type=int, default=list(IPU_COUNTS))
     p.add_argument("--fit-sizes", nargs=2, type=int, default=[1, 2], help="micro-batches measured for the fit")
-    p.add_argument("--verify-sizes", nargs="*", type=int, default=[4], help="micro-batches measured to check it")
+    p.add_argument("--verify-sizes", nargs="*", type=int, default=[3], help="micro-batches measured to check it")
     p.add_argument("--peak-micro-batch", type=int, default=1,
                    help="micro-batch of the measured real step (peak, with and without recompute); 0 = skip")
+    p.add_argument("--peak-norms", nargs="*", default=["bn", "gn+pn"],
+                   help="norms whose real step is measured at full resolution (the others get weights, gradients "
+                        "and optimizer state from a step at 32 px, which does not change them); 'all' = every norm")
     p.add_argument("--popvision", default=None, help="PopVision report directory (needs libpva from the Poplar SDK)")
     p.add_argument("--out", default="docs", help="directory for memory_compare.md / memory_compare.png")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -294,9 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arch in args.models:
         results[arch] = []
         for norm in norms:
+            peak_here = "all" in args.peak_norms or norm in args.peak_norms
             r = measure_norm(
                 arch, norm, args.resolution, optimizer=args.optimizer, fit_sizes=tuple(args.fit_sizes),
-                verify_sizes=tuple(args.verify_sizes), peak_mb=args.peak_micro_batch,
+                verify_sizes=tuple(args.verify_sizes), peak_mb=args.peak_micro_batch if peak_here else 0,
             )
             results[arch].append(r)
             took = "n/a" if r is None else f"{r.wall_s:.1f}s"
@@ -312,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{' and '.join(map(str, args.fit_sizes))}, fitted a + b*mb per block, checked at "
         f"{','.join(map(str, args.verify_sizes)) or '-'} (fit err = worst relative error there); "
         "'*' = extrapolated from the fit, not measured. total = weights + grads + optim + activations. "
-        f"Measured on one real step at micro-batch {args.peak_micro_batch} (live-storage tracker on CPU, "
+        f"Measured on one real step at micro-batch {args.peak_micro_batch} for {' '.join(args.peak_norms)} "
+        "('-' elsewhere, to keep the run short) (live-storage tracker on CPU, "
         "cuda.max_memory_allocated on GPU): peak fwd+bwd = live bytes at the worst point of forward + backward; "
         "peak rc = the same with torch.utils.checkpoint per block; act rc = saved-for-backward bytes with "
         "checkpointing (block inputs only); peak step = worst point including the first optimizer.step.",
