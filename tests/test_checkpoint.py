@@ -129,7 +129,10 @@ def test_resume_at_epoch_boundary_and_from_explicit_path(tmp_path: Path) -> None
     train(_tiny_cfg(part_dir, **{"train.max_steps": 8}), log=lambda _: None)  # exactly one epoch
     ckpt = list_checkpoints(part_dir / "checkpoints")[-1]
     assert load_checkpoint(ckpt)["progress"] == {
-        "global_step": 8, "epoch": 1, "batch_in_epoch": 0, "samples_seen": 64,
+        "global_step": 8,
+        "epoch": 1,
+        "batch_in_epoch": 0,
+        "samples_seen": 64,
     }
     train(_tiny_cfg(part_dir), resume=str(ckpt), log=lambda _: None)
     a, b = _final_state(full.run_dir), _final_state(part_dir)

@@ -154,7 +154,9 @@ def test_unknown_model_suggests_close_names(tmp_path: Path) -> None:
 
 def test_norm_is_normalised_and_yaml_quirks_accepted(tmp_path: Path) -> None:
     # PyYAML reads 16.32 as a float and 1e-3 (no dot) as a string: both are accepted for their fields.
-    p = _write(tmp_path, "a.yml", "model: {norm: ' LN+PN'}\nexecution: {precision: 16.32}\noptim: {weight_decay: 1e-3}\n")
+    p = _write(
+        tmp_path, "a.yml", "model: {norm: ' LN+PN'}\nexecution: {precision: 16.32}\noptim: {weight_decay: 1e-3}\n"
+    )
     cfg = load_config(p)
     assert cfg.model.norm == "ln+pn" and cfg.execution.precision == "16.32" and cfg.optim.weight_decay == 1e-3
     p2 = _write(tmp_path, "b.yml", "execution: {precision: 32.32, loss_scaling: 128}\n")
@@ -166,19 +168,32 @@ def test_cli_set_and_flags_override_yaml(tmp_path: Path) -> None:
     p = _write(tmp_path, "a.yml", "optim: {lr: 0.5}\ntrain: {epochs: 3, max_steps: 7}\nmodel: {norm: bn}\n")
     args, cfg, sources = parse_args(
         [
-            "--config", str(p),
-            "--set", "optim.lr=0.1",
-            "--set", "model.norm=gn+pn",
-            "--set", "optim.agc_clip=null",
-            "--set", "execution.pipeline_splits=[blocks.3, blocks.9]",
-            "--set", "train.epochs=4",
-            "--epochs", "9",  # dedicated flags win over --set and YAML
-            "--max-steps", "20",
-            "--micro-batch-size", "6",
-            "--device", "cpu",
-            "--output-dir", str(tmp_path / "out"),
-            "--data", "digits",
-            "--data-root", str(tmp_path / "digits"),
+            "--config",
+            str(p),
+            "--set",
+            "optim.lr=0.1",
+            "--set",
+            "model.norm=gn+pn",
+            "--set",
+            "optim.agc_clip=null",
+            "--set",
+            "execution.pipeline_splits=[blocks.3, blocks.9]",
+            "--set",
+            "train.epochs=4",
+            "--epochs",
+            "9",  # dedicated flags win over --set and YAML
+            "--max-steps",
+            "20",
+            "--micro-batch-size",
+            "6",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--data",
+            "digits",
+            "--data-root",
+            str(tmp_path / "digits"),
             "--resume",
         ]
     )

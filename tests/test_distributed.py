@@ -110,10 +110,20 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(ROOT / "run_train.py"), "--config", str(ROOT / "configs/tiny_resnet18_gn.yml"),
-        "--output-dir", str(out), "--max-steps", "3",
-        "--set", "train.global_batch_size=16",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "run_train.py"),
+        "--config",
+        str(ROOT / "configs/tiny_resnet18_gn.yml"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--set",
+        "train.global_batch_size=16",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,9 +25,12 @@ def test_tiny_resnet_learns_digits(tmp_path: Path, capsys) -> None:
     try:
         code = _run_train_module().main(
             [
-                "--config", str(ROOT / "configs/tiny_digits_resnet18.yml"),
-                "--output-dir", str(tmp_path / "run"),
-                "--data-root", str(tmp_path / "digits"),
+                "--config",
+                str(ROOT / "configs/tiny_digits_resnet18.yml"),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--data-root",
+                str(tmp_path / "digits"),
             ]
         )
     finally:

@@ -1,0 +1,297 @@
+"""Trainer and TorchBackend: accumulation, AGC placement, precision, optimizers, schedule, IPU start-up, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import ipu_norm.optim.agc as agc_module
+from ipu_norm.config import load_config
+from ipu_norm.train.backend import TorchBackend, TrainSpec, _amp_settings, get_backend
+from ipu_norm.train.builders import build_optimizer, build_scheduler, effective_lr
+from ipu_norm.train.distributed import DistInfo
+from ipu_norm.train.metrics import topk_correct
+from ipu_norm.train.trainer import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TinyGN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 6)
+        self.fc = nn.Linear(6, 4)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def _plan(precision: str = "32.32") -> SimpleNamespace:
+    return SimpleNamespace(precision=precision, compile=False)
+
+
+def _backend(model: nn.Module, lr: float = 0.1, agc: float | None = None, precision: str = "32.32"):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    backend = TorchBackend("cpu", DistInfo())
+    backend.prepare(model, opt, _plan(precision), TrainSpec(criterion=nn.CrossEntropyLoss(), agc_clip=agc))
+    return backend, opt
+
+
+def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 5, 5, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_gradient_accumulation_equals_full_batch() -> None:
+    """4 micro-batches of 2 == one batch of 8 for a batch-independent model (mean loss over the step)."""
+    x, y = _batch(8)
+    torch.manual_seed(0)
+    m1 = TinyGN()
+    torch.manual_seed(0)
+    m2 = TinyGN()
+    b1, _ = _backend(m1)
+    b2, _ = _backend(m2)
+    for _ in range(2):
+        r1 = b1.train_step([(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
+        r2 = b2.train_step([(x, y)])
+    assert r1.samples == r2.samples == 8
+    assert r1.loss == pytest.approx(r2.loss, rel=1e-5)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
+
+
+def test_agc_runs_once_per_step_on_accumulated_grads_before_the_update(monkeypatch) -> None:
+    x, y = _batch(6, seed=1)
+    torch.manual_seed(0)
+    model = TinyGN()
+    # Independent reference: the mean-loss gradient over the whole step.
+    torch.manual_seed(0)
+    ref = TinyGN()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    expected = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    calls = []
+    original = agc_module.adaptive_clip_grad_
+
+    def spy(params, clip_factor, eps=1e-3):
+        params = list(params)
+        calls.append(
+            {
+                "ids": [id(p) for p in params],
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "clip": clip_factor,
+            }
+        )
+        return original(params, clip_factor, eps=eps)
+
+    monkeypatch.setattr(agc_module, "adaptive_clip_grad_", spy)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backend, _ = _backend(model, agc=0.02)
+    backend.train_step([(x[:2], y[:2]), (x[2:4], y[2:4]), (x[4:], y[4:])])
+    assert len(calls) == 1 and calls[0]["clip"] == 0.02
+    for n, g in expected.items():
+        torch.testing.assert_close(calls[0]["grads"][n], g, rtol=1e-5, atol=1e-6)  # fully accumulated
+        assert torch.equal(calls[0]["weights"][n], before[n])  # before optimizer.step
+    assert id(model.fc.weight) not in calls[0]["ids"]  # classifier excluded
+    assert id(model.conv.weight) in calls[0]["ids"]
+
+
+def test_bf16_autocast_on_cpu_trains() -> None:
+    torch.manual_seed(0)
+    model = TinyGN()
+    backend, _ = _backend(model, precision="bf16")
+    assert backend.autocast_dtype == torch.bfloat16 and backend.scaler is None
+    r = backend.train_step([_batch(4)])
+    assert torch.isfinite(torch.tensor(r.loss))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    logits = backend.eval_step(_batch(4)[0])
+    assert logits.dtype == torch.float32 and logits.shape == (4, 4)
+
+
+def test_precision_settings() -> None:
+    assert _amp_settings("32.32", "cpu") == (None, False)
+    assert _amp_settings("16.32", "cuda") == (torch.float16, True)
+    assert _amp_settings("16.16", "cuda") == (torch.float16, True)
+    assert _amp_settings("bf16", "cuda") == (torch.bfloat16, False)
+    with pytest.raises(ValueError, match="CUDA GPU or an IPU"):
+        _amp_settings("16.32", "cpu")
+
+
+def test_ipu_without_poplar_sdk_fails_clearly(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "poptorch", None)  # import poptorch -> ImportError
+    cfg = load_config(CONFIGS / "tiny_resnet18_gn.yml", flags={"execution.device": "ipu"})
+    with pytest.raises(RuntimeError) as exc:
+        get_backend(cfg, DistInfo())
+    msg = str(exc.value)
+    assert "Poplar SDK" in msg and "--device cpu" in msg and "cuda" in msg
+
+
+def test_run_train_ipu_device_exits_with_message(monkeypatch, tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "poptorch", None)
+    spec = importlib.util.spec_from_file_location("run_train", ROOT / "run_train.py")
+    run_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_train)
+    code = run_train.main(
+        ["--config", str(CONFIGS / "tiny_resnet18_gn.yml"), "--device", "ipu", "--output-dir", str(tmp_path)]
+    )
+    assert code == 1
+    assert "Poplar SDK" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "extra"),
+    [
+        ("sgd", torch.optim.SGD, {"nesterov": True}),
+        ("rmsprop", torch.optim.RMSprop, {"alpha": 0.9, "eps": 0.0316}),
+        ("adamw", torch.optim.AdamW, {"betas": [0.9, 0.99]}),
+    ],
+)
+def test_build_optimizer(name: str, cls: type, extra: dict) -> None:
+    cfg = load_config(
+        None, flags={f"optim.{k}": v for k, v in {"name": name, "lr": 0.1, "weight_decay": 1e-4, **extra}.items()}
+    )
+    model = TinyGN()
+    opt = build_optimizer(cfg.optim, model, global_batch_size=512)
+    assert isinstance(opt, cls)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # 0.1 per 256 samples at batch 512
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decay == {id(model.conv.weight), id(model.fc.weight)}  # no decay on biases / norm affine
+    if name == "sgd":
+        assert opt.defaults["nesterov"] is True
+    if name == "rmsprop":
+        assert opt.defaults["alpha"] == 0.9 and opt.defaults["eps"] == 0.0316
+
+
+def test_effective_lr_absolute() -> None:
+    cfg = load_config(None, flags={"optim.lr": 0.3, "optim.lr_reference_batch": None})
+    assert effective_lr(cfg.optim, 4096) == 0.3
+
+
+def test_schedule_is_per_step_with_warmup() -> None:
+    cfg = load_config(
+        None,
+        flags={
+            "optim.warmup_epochs": 1.0,
+            "optim.schedule": "cosine",
+            "optim.lr": 1.0,
+            "optim.lr_reference_batch": None,
+        },
+    )
+    model = TinyGN()
+    opt = build_optimizer(cfg.optim, model, 8)
+    sched = build_scheduler(cfg.optim, opt, steps_per_epoch=4, epochs=3)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # linear warmup over 4 steps
+    assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] < 0.05  # cosine decay to 0 over 8 steps
+
+
+def test_topk_correct() -> None:
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    # row 0: top-1 hit; row 1: hit at rank 2; row 2: hit at rank 3 (k capped at the 3 classes for k=5)
+    assert topk_correct(logits, torch.tensor([1, 1, 0]), (1, 2, 5)) == [1, 2, 3]
+
+
+def test_training_run_writes_metrics_config_and_checkpoints(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(
+        CONFIGS / "tiny_resnet18_gn.yml", flags={"train.output_dir": str(out), "train.keep_checkpoints": 1}
+    )
+    messages: list[str] = []
+    result = train(cfg, log=messages.append)
+    assert result.global_step == 16 and result.epoch == 2
+    assert any("GENERATED" in m for m in messages)  # the app says it is using generated data
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in records if r["kind"] == "train"]
+    val_rows = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in train_rows] == list(range(1, 17))  # log_every_steps: 1
+    assert all(r["img_per_s"] > 0 and r["lr"] >= 0 for r in train_rows)
+    assert [r["epoch"] for r in val_rows] == [0, 1]  # validation every epoch, model and EMA
+    assert all({"top1", "top5", "ema_top1", "ema_top5"} <= r.keys() for r in val_rows)
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records) and rows[-1]["kind"] == "val" and rows[-1]["ema_top1"] != ""
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["output_dir"] == str(out) and saved["model"]["norm"] == "gn"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt_step000000016.pt"]  # keep 1
+    # Learning happened on the training loss (generated data has a class pattern).
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] + 1.0
+
+
+def test_max_steps_caps_the_run_and_keeps_the_schedule(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "tiny_resnet18_gn.yml", flags={"train.output_dir": str(tmp_path), "train.max_steps": 3})
+    trainer = Trainer(cfg, log=lambda _: None)
+    assert trainer.total_steps == 16 and trainer.accum == 2 and trainer.global_batch == 8
+    result = trainer.fit()
+    trainer.close()
+    assert result.global_step == 3
+    # The LR after 3 steps is that of step 3 of the full 16-step cosine, not of a 3-step schedule.
+    import math
+
+    expected = 0.02 * 0.5 * (1 + math.cos(math.pi * 3 / 16))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_fp16_precision_on_cpu_falls_back_with_a_note(tmp_path: Path) -> None:
+    cfg = load_config(
+        CONFIGS / "tiny_resnet18_gn.yml",
+        flags={"train.output_dir": str(tmp_path), "train.max_steps": 1, "execution.precision": "16.32"},
+    )
+    messages: list[str] = []
+    trainer = Trainer(cfg, log=messages.append)
+    trainer.close()
+    assert trainer.cfg.execution.precision == "32.32"
+    assert any("16.32" in m and "CPU" in m for m in messages)
+
+
+def test_dataset_too_small_for_global_batch(tmp_path: Path) -> None:
+    cfg = load_config(
+        CONFIGS / "tiny_resnet18_gn.yml",
+        flags={"train.output_dir": str(tmp_path), "train.global_batch_size": 128},
+    )
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        Trainer(cfg, log=lambda _: None)
+
+
+def test_effnet_proxy_recipe_smoke(tmp_path: Path) -> None:
+    """The shipped EfficientNet-B0 LN+PN recipe (RMSprop, mixup/cutmix, EMA) runs a couple of steps."""
+    cfg = load_config(
+        CONFIGS / "tiny_effnet_b0_proxy.yml", flags={"train.output_dir": str(tmp_path), "train.max_steps": 2}
+    )
+    result = train(cfg, log=lambda _: None)
+    assert result.global_step == 2
+    assert {"top1", "ema_top1"} <= result.final_metrics.keys()
+
+
+@pytest.mark.slow
+def test_nf_resnet50_agc_smoke(tmp_path: Path) -> None:
+    cfg = load_config(
+        CONFIGS / "tiny_nf_resnet50_agc.yml", flags={"train.output_dir": str(tmp_path), "train.max_steps": 1}
+    )
+    assert train(cfg, log=lambda _: None).global_step == 1
