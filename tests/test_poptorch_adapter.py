@@ -205,8 +205,11 @@ def test_training_wrapper_and_precision_cast() -> None:
     model = TinyNet()
     wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=fake)
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
-    loss, logits = wrapped(x, y)
+    loss = wrapped(x, y)
     assert torch.allclose(loss, nn.functional.cross_entropy(model(x), y))
+    wrapped.return_logits = True
+    assert torch.allclose(wrapped(x, y)[1], model(x))
+    assert pa.InferenceModel(model)(x).dtype == torch.float32
     assert ("identity_loss", "mean") in log
     plan = make_plan()
     pa.cast_model_for_precision(model, plan)
@@ -280,6 +283,156 @@ def test_real_poptorch_one_step_ipu_model() -> None:
     wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss())
     opt = pa.create_optimizer(model.parameters(), "sgd", {"lr": 0.1}, plan)
     tm = poptorch.trainingModel(wrapped, opts, opt)
-    loss, _ = tm(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    loss = tm(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
     assert torch.isfinite(loss).all()
     tm.detachFromDevice()
+
+
+# ------------------------------------------------------------------------------------------------ PoptorchBackend
+
+
+class FakeExecutor:
+    """Mimics a PoplarExecutor on the CPU: accumulation over micro-batches, Mean reduction, one optimizer step."""
+
+    def __init__(self, module, optimizer=None, micro=None, log=None):
+        self.module, self.optimizer, self.micro, self.log = module, optimizer, micro, log
+        self.attached, self.compiled = False, False
+
+    def __call__(self, *args):
+        self.attached = self.compiled = True
+        if self.optimizer is None:
+            self.log.append(("infer", args[0].shape[0]))
+            return self.module(*args)
+        images, targets = args
+        mbs = list(zip(images.split(self.micro), targets.split(self.micro)))
+        self.optimizer.zero_grad()
+        losses = []
+        for x, y in mbs:
+            loss = self.module(x, y)
+            (loss / len(mbs)).backward()
+            losses.append(loss.detach())
+        self.optimizer.step()
+        return torch.stack(losses)
+
+    def isAttachedToDevice(self):  # noqa: N802 (PopTorch's names)
+        return self.attached
+
+    def isCompiled(self):  # noqa: N802
+        return self.compiled
+
+    def detachFromDevice(self):  # noqa: N802
+        self.log.append(("detach", self.optimizer is not None))
+        self.attached = False
+
+    def copyWeightsToHost(self):  # noqa: N802
+        self.log.append(("copyWeightsToHost",))
+
+    def copyWeightsToDevice(self):  # noqa: N802
+        self.log.append(("copyWeightsToDevice",))
+
+    def setOptimizer(self, opt):  # noqa: N802
+        self.log.append(("setOptimizer", [g["lr"] for g in opt.param_groups]))
+
+
+def fake_poptorch_with_executors(log, micro):
+    fake = fake_poptorch(log)
+    real_sgd = torch.optim.SGD
+
+    def sgd(params, **kw):
+        log.append(("optim.SGD", kw))
+        return real_sgd(params, lr=kw["lr"], momentum=kw["momentum"], nesterov=kw["nesterov"],
+                        weight_decay=kw["weight_decay"])
+
+    fake.optim.SGD = sgd
+    fake.trainingModel = lambda m, options=None, optimizer=None: FakeExecutor(m, optimizer, micro, log)
+    fake.inferenceModel = lambda m, options=None: FakeExecutor(m, None, None, log)
+    return fake
+
+
+def _backend_setup(monkeypatch=None, **execution):
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    log: list = []
+    fake = fake_poptorch_with_executors(log, micro=2)
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref = TinyNet()
+    ref.load_state_dict(model.state_dict())
+    ex = {"device": "ipu", "precision": "32.32", "replicas": 1, **execution}
+    plan = build_plan(ex, model, {"micro_batch_size": 2, "global_batch_size": 6})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    backend = PoptorchBackend(poptorch=fake)
+    backend.prepare(model, opt, plan, TrainSpec(criterion=nn.CrossEntropyLoss()))
+    return backend, model, ref, log
+
+
+def test_backend_step_matches_accumulation() -> None:
+    backend, model, ref, log = _backend_setup()
+    assert backend.micro_batches_per_step == 3
+    g = torch.Generator().manual_seed(3)
+    mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(3)]
+    result = backend.train_step(mbs)
+    # Independent reference: plain PyTorch accumulation of the same micro-batches, one SGD step.
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for x, y in mbs:
+        loss = nn.functional.cross_entropy(ref(x), y)
+        (loss / 3).backward()
+        losses.append(loss.item())
+    ref_opt.step()
+    assert result.loss == pytest.approx(sum(losses) / 3, rel=1e-6) and result.samples == 6
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="needs 3 micro-batches"):
+        backend.train_step(mbs[:1])
+    # The trainer's schedule changes its optimizer's LR; lr_changed pushes it with setOptimizer.
+    backend.optimizer.param_groups[0]["lr"] = 0.05
+    backend.lr_changed()
+    assert log[-1] == ("setOptimizer", [0.05])
+    backend.sync_to_host()
+    assert ("copyWeightsToHost",) in log
+
+
+def test_backend_eval_pads_and_detaches() -> None:
+    backend, model, _, log = _backend_setup()
+    g = torch.Generator().manual_seed(4)
+    mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(3)]
+    backend.train_step(mbs)
+    x = torch.randn(5, 3, 8, 8)
+    assert model.training
+    logits = backend.eval_step(x)
+    assert model.training  # eval mode only while the inference executable traces/runs
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(x))
+    model.train()
+    assert ("detach", True) in log  # the training executable released the IPUs first
+    assert [e for e in log if e[0] == "infer"] == [("infer", 2)] * 3  # 2 + 2 + (1 padded to 2)
+    log.clear()
+    backend.train_step(mbs)
+    backend.eval_step(x)
+    assert ("copyWeightsToDevice",) in log  # new host weights since the last evaluation
+    backend.close()
+
+
+def test_backend_refuses_agc() -> None:
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    backend = PoptorchBackend(poptorch=fake_poptorch([]))
+    plan = build_plan({"device": "ipu"}, TinyNet(), {"micro_batch_size": 2})
+    with pytest.raises(NotImplementedError, match="agc_clip"):
+        backend.prepare(TinyNet(), torch.optim.SGD(TinyNet().parameters(), lr=0.1), plan,
+                        TrainSpec(criterion=nn.CrossEntropyLoss(), agc_clip=0.01))
+
+
+def test_trainer_get_backend_reaches_create_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import get_backend
+    from ipu_norm.train.distributed import DistInfo
+
+    monkeypatch.setitem(sys.modules, "poptorch", fake_poptorch([]))
+    cfg = types.SimpleNamespace(execution=types.SimpleNamespace(device="ipu"))
+    assert isinstance(get_backend(cfg, DistInfo()), PoptorchBackend)

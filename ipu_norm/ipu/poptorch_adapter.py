@@ -266,25 +266,40 @@ def annotate_model(model: nn.Module, plan: ExecutionPlan, poptorch: Any = None) 
 
 
 class TrainingModelWithLoss(nn.Module):
-    """The module handed to ``poptorch.trainingModel``: forward(images, targets) -> (loss, logits).
+    """The module handed to ``poptorch.trainingModel``: forward(images, targets) -> loss.
 
     PopTorch builds backward from ``poptorch.identity_loss``. Images are cast to the compute dtype inside the graph;
-    the loss is computed in fp32 for stability in 16.x precisions.
+    the loss is computed in fp32 for stability in 16.x precisions. Logits are not returned by default: with
+    ``OutputMode.All`` every output travels to the host for every micro-batch.
     """
 
     def __init__(self, model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 compute_dtype: torch.dtype = torch.float32, poptorch: Any = None) -> None:
+                 compute_dtype: torch.dtype = torch.float32, poptorch: Any = None, return_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.compute_dtype = compute_dtype
+        self.return_logits = return_logits
         self._poptorch = poptorch
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> Any:
         logits = self.model(images.to(self.compute_dtype))
         loss = self.criterion(logits.float(), targets)
         poptorch = self._poptorch or import_poptorch()
-        return poptorch.identity_loss(loss, reduction="mean"), logits
+        loss = poptorch.identity_loss(loss, reduction="mean")
+        return (loss, logits) if self.return_logits else loss
+
+
+class InferenceModel(nn.Module):
+    """The module handed to ``poptorch.inferenceModel``: images -> fp32 logits."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.compute_dtype = compute_dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.compute_dtype)).float()
 
 
 def cast_model_for_precision(model: nn.Module, plan: ExecutionPlan) -> nn.Module:

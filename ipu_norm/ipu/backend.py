@@ -1,0 +1,198 @@
+"""PoptorchBackend: the trainer's Backend protocol (ipu_norm/train/backend.py) on Graphcore IPUs.
+
+`create_backend(cfg, dist)` is what ``ipu_norm.train.backend.get_backend`` calls for ``execution.device: ipu``.
+
+One ``train_step`` is ONE PopTorch host call: it consumes micro-batch x device_iterations x local replicas x
+gradient accumulation samples and performs ``device_iterations`` optimizer steps on the device (the learning rate
+is pushed with ``setOptimizer`` between host calls, so with device_iterations > 1 it changes every D steps, as in
+Graphcore's applications). `micro_batches_per_step` says how many micro-batches the trainer must pass.
+
+Everything PopTorch-specific goes through ipu_norm/ipu/poptorch_adapter.py; poptorch is imported lazily and a
+missing SDK gives `PoplarSDKMissingError` with instructions.
+
+Not supported on IPU by this backend (it raises at `prepare`): Adaptive Gradient Clipping (AGC needs per-unit
+clipping of the accumulated gradient inside the device's optimizer step, which poptorch.optim does not offer).
+Evaluation runs on the IPU through ``poptorch.inferenceModel``; partial batches are padded to the compiled batch
+size so the executable is not recompiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipu_norm.ipu import poptorch_adapter as pa
+from ipu_norm.ipu.plan import ExecutionPlan
+
+
+def _train_types() -> tuple[Any, Any]:
+    from ipu_norm.train.backend import StepResult, TrainSpec
+
+    return StepResult, TrainSpec
+
+
+def _optimizer_name_and_hparams(optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
+    """Map the trainer's torch optimizer to an optimizer_spec name and hyper-parameters."""
+    name = type(optimizer).__name__.lower()
+    if name not in ("sgd", "rmsprop", "adamw"):
+        raise ValueError(f"the IPU backend maps SGD, RMSprop, AdamW to poptorch.optim; got {type(optimizer).__name__}")
+    return name, dict(optimizer.defaults)
+
+
+class PoptorchBackend:
+    """Backend for ``execution.device: ipu`` (see module docstring)."""
+
+    def __init__(self, cfg: Any = None, dist: Any = None, *, poptorch: Any = None) -> None:
+        self.name = "ipu"
+        # Host-side tensors live on the CPU; PopTorch moves them to the IPUs itself.
+        self.device = torch.device("cpu")
+        self.cfg = cfg
+        self.dist = dist
+        self.poptorch = poptorch or pa.import_poptorch()
+        self.model: nn.Module | None = None
+        self.plan: ExecutionPlan | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the trainer's (its LR schedule drives ours)
+        self.ipu_optimizer: Any = None
+        self.train_model: Any = None
+        self._eval_models: dict[int, tuple[Any, int]] = {}  # id(module) -> (executor, host generation copied)
+        self._generation = 0
+        self._hooks: list[Any] = []
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def local_replicas(self) -> int:
+        """Replicas driven by this process: all of them, or total / instances under poprun."""
+        assert self.plan is not None
+        _, instances = pa.popdist_rank_and_size() if pa.under_poprun() else (0, 1)
+        return max(1, self.plan.replicas // instances)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches one `train_step` consumes: accumulation x local replicas x device iterations."""
+        assert self.plan is not None
+        return self.plan.gradient_accumulation * self.local_replicas() * self.plan.device_iterations
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ExecutionPlan, spec: Any) -> None:
+        """Cast, annotate (stages, recomputation) and wrap the model in ``poptorch.trainingModel``."""
+        if getattr(spec, "agc_clip", None) is not None:
+            raise NotImplementedError(
+                "optim.agc_clip (Adaptive Gradient Clipping) is not available on the IPU backend: poptorch.optim has "
+                "no per-unit gradient clipping. Train NFNets with AGC on cpu/cuda, or set optim.agc_clip: null."
+            )
+        self.model, self.plan, self.optimizer = model, plan, optimizer
+        pa.cast_model_for_precision(model, plan)
+        self._hooks = pa.annotate_model(model, plan, self.poptorch)
+        options = pa.create_options(plan, poptorch=self.poptorch)
+        name, hparams = _optimizer_name_and_hparams(optimizer)
+        # Mirror the trainer's parameter groups (weight decay only on conv/linear weights and PN proxy params).
+        groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
+                  for g in optimizer.param_groups]
+        self.ipu_optimizer = pa.create_optimizer(groups, name, hparams, plan, poptorch=self.poptorch)
+        wrapped = pa.TrainingModelWithLoss(model, spec.criterion, plan.precision.compute_dtype, poptorch=self.poptorch)
+        wrapped.train()
+        self.train_model = self.poptorch.trainingModel(wrapped, options=options, optimizer=self.ipu_optimizer)
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def _detach_eval_models(self) -> None:
+        for executor, _ in self._eval_models.values():
+            if executor.isAttachedToDevice():
+                executor.detachFromDevice()
+
+    def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """One PopTorch call over `micro_batches_per_step` micro-batches; returns their mean loss."""
+        step_result, _ = _train_types()
+        assert self.train_model is not None and self.plan is not None
+        need = self.micro_batches_per_step
+        if len(micro_batches) != need:
+            raise ValueError(
+                f"the IPU step needs {need} micro-batches (gradient accumulation {self.plan.gradient_accumulation} x "
+                f"local replicas {self.local_replicas()} x device iterations {self.plan.device_iterations}), got "
+                f"{len(micro_batches)}; the trainer should pass backend.micro_batches_per_step micro-batches"
+            )
+        self._detach_eval_models()  # free the IPUs for the training executable (it re-attaches on call)
+        images = torch.cat([x for x, _ in micro_batches])
+        targets = torch.cat([y for _, y in micro_batches])
+        losses = self.train_model(images, targets)
+        self._generation += 1
+        return step_result(loss=float(torch.as_tensor(losses).float().mean()), samples=int(images.shape[0]))
+
+    @torch.no_grad()
+    def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """fp32 logits from ``poptorch.inferenceModel`` of `model` (default: the trained model)."""
+        assert self.plan is not None and self.model is not None
+        module = model if model is not None else self.model
+        if self.train_model is not None and self.train_model.isAttachedToDevice():
+            self.train_model.detachFromDevice()  # PopTorch copies weights and optimizer state to host first
+        key = id(module)
+        # PopTorch traces at the first call (compilation): the module must be in eval mode then. Its wrapper is a
+        # shallow copy sharing submodules, so restore the caller's mode afterwards.
+        was_training = module.training
+        module.eval()
+        if key not in self._eval_models:
+            opts = pa.create_options(self.plan, for_inference=True, poptorch=self.poptorch)
+            executor = self.poptorch.inferenceModel(pa.InferenceModel(module, self.plan.precision.compute_dtype), opts)
+            self._eval_models[key] = (executor, self._generation)
+        executor, copied = self._eval_models[key]
+        if copied != self._generation:
+            executor.copyWeightsToDevice()  # host weights (trained / EMA) changed since the last evaluation
+            self._eval_models[key] = (executor, self._generation)
+        # One inference call consumes micro-batch x local replicas x device iterations images; pad to that size so
+        # a short last batch does not trigger a recompilation, then drop the padding.
+        per_call = self.plan.micro_batch_size * self.local_replicas() * self.plan.device_iterations
+        n = images.shape[0]
+        outs = []
+        for start in range(0, n, per_call):
+            chunk = images[start:start + per_call]
+            pad = per_call - chunk.shape[0]
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
+            outs.append(executor(chunk)[: per_call - pad])
+        module.train(was_training)
+        return torch.cat(outs).float()
+
+    def sync_to_host(self) -> None:
+        """Copy the IPU weights into the host module (before EMA updates, evaluation and checkpoints)."""
+        if self.train_model is not None and self.train_model.isCompiled():
+            self.train_model.copyWeightsToHost()
+        self._generation += 1
+
+    def lr_changed(self) -> None:
+        """Push the trainer's scheduled learning rates to the device optimizer."""
+        if self.optimizer is None or self.ipu_optimizer is None:
+            return
+        for src, dst in zip(self.optimizer.param_groups, self.ipu_optimizer.param_groups):
+            dst["lr"] = src["lr"]
+        self.train_model.setOptimizer(self.ipu_optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The device optimizer's state (PopTorch reads it back from the IPU)."""
+        return {"poptorch_optimizer": self.ipu_optimizer.state_dict()} if self.ipu_optimizer is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the device optimizer's state saved by `state_dict`."""
+        if state.get("poptorch_optimizer") and self.ipu_optimizer is not None:
+            self.ipu_optimizer.load_state_dict(state["poptorch_optimizer"])
+            self.train_model.setOptimizer(self.ipu_optimizer)
+
+    def close(self) -> None:
+        """Copy weights back and release the IPUs."""
+        executors = [e for e, _ in self._eval_models.values()]
+        if self.train_model is not None:
+            executors.append(self.train_model)
+        if self.train_model is not None and self.train_model.isCompiled():
+            self.train_model.copyWeightsToHost()
+        for e in executors:
+            if e.isCompiled() and e.isAttachedToDevice():
+                e.detachFromDevice()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def create_backend(cfg: Any, dist: Any) -> PoptorchBackend:
+    """Entry point used by ``ipu_norm.train.backend.get_backend`` for ``execution.device: ipu``."""
+    return PoptorchBackend(cfg, dist)
