@@ -295,3 +295,64 @@ def test_nf_resnet50_agc_smoke(tmp_path: Path) -> None:
         CONFIGS / "tiny_nf_resnet50_agc.yml", flags={"train.output_dir": str(tmp_path), "train.max_steps": 1}
     )
     assert train(cfg, log=lambda _: None).global_step == 1
+
+
+class FakeIpuBackend(TorchBackend):
+    """A CPU stand-in for an IPU backend with device_iterations: one call = D optimizer steps, LR fixed in a call."""
+
+    def __init__(self, device_iterations: int) -> None:
+        super().__init__("cpu", DistInfo())
+        self.name = "fake-ipu"
+        self.d = device_iterations
+        self.calls = 0
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.accum * self.d
+
+    def prepare(self, model, optimizer, plan, spec) -> None:
+        self.accum = plan.gradient_accumulation
+        super().prepare(model, optimizer, plan, spec)
+
+    def train_step(self, micro_batches):
+        self.calls += 1
+        assert len(micro_batches) == self.micro_batches_per_step
+        results = [
+            super(FakeIpuBackend, self).train_step(micro_batches[i * self.accum : (i + 1) * self.accum])
+            for i in range(self.d)
+        ]
+        return type(results[0])(loss=sum(r.loss for r in results) / self.d, samples=sum(r.samples for r in results))
+
+
+def test_device_iterations_backend_bookkeeping(tmp_path: Path) -> None:
+    """A backend running 2 optimizer steps per call: same weights as 1 step per call (constant LR, no EMA),
+    steps/checkpoints/resume positions counted in optimizer steps."""
+    flags = {"optim.schedule": "constant", "train.ema_decay": None, "train.checkpoint_every_steps": 3}
+    ref = train(
+        load_config(CONFIGS / "tiny_resnet18_gn.yml", flags={**flags, "train.output_dir": str(tmp_path / "a")}),
+        log=lambda _: None,
+    )
+    cfg = load_config(
+        CONFIGS / "tiny_resnet18_gn.yml",
+        flags={
+            **flags,
+            "train.output_dir": str(tmp_path / "b"),
+            "execution.device": "ipu",
+            "execution.device_iterations": 2,
+        },
+    )
+    backend = FakeIpuBackend(2)
+    trainer = Trainer(cfg, log=lambda _: None, backend=backend)
+    assert trainer.micro_per_call == 4 and trainer.steps_per_epoch == 8 and trainer.calls_per_epoch == 4
+    result = trainer.fit()
+    trainer.close()
+    assert result.global_step == ref.global_step == 16 and backend.calls == 8
+    # checkpoint_every_steps 3 with steps advancing by 2: saved after steps 4, 6, 10, 12, 16 (crossing multiples of 3).
+    from ipu_norm.train.checkpoint import list_checkpoints, load_checkpoint
+
+    steps = [int(p.name[9:18]) for p in list_checkpoints(tmp_path / "b" / "checkpoints")]
+    assert steps == [10, 12, 16]  # the last 3 (keep_checkpoints) of 4, 6, 10, 12, 16
+    a = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["model"]
+    b = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

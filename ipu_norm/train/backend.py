@@ -19,9 +19,10 @@ then hands every optimizer step to a ``Backend``:
 - ``state_dict()`` / ``load_state_dict()``: backend state that must survive a resume (the GradScaler).
 - ``close()``: release the device.
 
-``device: ipu`` is served by ``ipu_norm.ipu`` (the IPU package), which must provide
-``create_backend(cfg, dist) -> Backend``; ``get_backend`` fails at start with a clear message when that
-package or Graphcore's Poplar SDK (poptorch) is missing.
+``device: ipu`` is served by the IPU package: ``ipu_norm.ipu.backend.create_backend(cfg, dist) -> Backend``
+(it may run several optimizer steps per ``train_step``: it exposes ``micro_batches_per_step`` and the
+trainer passes that many micro-batches, accumulation x local replicas x device iterations). ``get_backend``
+fails at start with a clear message when that package or Graphcore's Poplar SDK (poptorch) is missing.
 """
 
 from __future__ import annotations
@@ -108,15 +109,11 @@ def get_backend(cfg: Any, dist: DistInfo) -> Backend:
         except ImportError as exc:
             raise RuntimeError(f"poptorch is not importable ({exc}). {IPU_MISSING_HELP}") from None
         try:
-            from ipu_norm import ipu as ipu_pkg
+            from ipu_norm.ipu.backend import create_backend as create
         except ImportError as exc:
-            raise RuntimeError(f"the IPU package ipu_norm.ipu failed to import ({exc}). {IPU_MISSING_HELP}") from exc
-        create = getattr(ipu_pkg, "create_backend", None)
-        if create is None:
             raise RuntimeError(
-                "ipu_norm.ipu provides no create_backend(cfg, dist): the IPU backend is not available in this "
-                "checkout. Use --device cpu or --device cuda."
-            )
+                f"the IPU backend (ipu_norm.ipu.backend) failed to import ({exc}). {IPU_MISSING_HELP}"
+            ) from exc
         return create(cfg, dist)
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("execution.device='cuda' but torch.cuda.is_available() is False; use --device cpu")

@@ -185,7 +185,17 @@ class Trainer:
             seed=mix_seed(t.seed, 2, self.dist.rank),
             pin_memory=cfg.execution.device == "cuda",
         )
-        self.steps_per_epoch = (self.sampler.num_samples // self.micro) // self.accum
+        # One backend call consumes `micro_per_call` micro-batches of this process and makes `steps_per_call`
+        # optimizer steps: 1 step of `accum` micro-batches on CPU/GPU; on IPUs, device_iterations steps over
+        # this process's replicas (PopTorch runs the whole loop on the device).
+        if cfg.execution.device == "ipu":
+            self.steps_per_call = self.plan.device_iterations
+            local_replicas = max(1, self.plan.replicas // self.dist.world_size)
+            self.micro_per_call = self.accum * local_replicas * self.steps_per_call
+        else:
+            self.steps_per_call, self.micro_per_call = 1, self.accum
+        self.calls_per_epoch = (self.sampler.num_samples // self.micro) // self.micro_per_call
+        self.steps_per_epoch = self.calls_per_epoch * self.steps_per_call
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"the training set ({len(self.train_set)} samples) is smaller than one global batch "
@@ -210,6 +220,12 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, t.epochs)
         spec = TrainSpec(criterion=criterion, agc_clip=cfg.optim.agc_clip, agc_eps=cfg.optim.agc_eps)
         self.backend.prepare(self.model, self.optimizer, self.plan, spec)
+        expected = getattr(self.backend, "micro_batches_per_step", self.micro_per_call)
+        if expected != self.micro_per_call:
+            raise RuntimeError(
+                f"backend {self.backend.name} consumes {expected} micro-batches per call but the trainer computed "
+                f"{self.micro_per_call} (accumulation {self.accum}, {self.dist.world_size} processes)"
+            )
         self.ema = None
         if t.ema_decay is not None:
             from ipu_norm.train.ema import ModelEma
@@ -363,7 +379,7 @@ class Trainer:
 
     def _micro_batches(self, it: Iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
-        for _ in range(self.accum):
+        for _ in range(self.micro_per_call):
             images, labels = next(it)
             if self.mixup is not None:
                 images, labels = self.mixup(images, labels)
@@ -381,17 +397,19 @@ class Trainer:
                 epoch = self.epoch
                 self.sampler.set_epoch(epoch)
                 self.sampler.set_start_batch(self.batch_in_epoch, self.micro)
-                start_step = self.batch_in_epoch // self.accum
+                start_call = self.batch_in_epoch // self.micro_per_call
                 it = iter(self.train_loader)
-                bar = self._progress(epoch, start_step)
+                bar = self._progress(epoch, start_call * self.steps_per_call)
                 window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
-                for step_in_epoch in range(start_step, self.steps_per_epoch):
+                for call in range(start_call, self.calls_per_epoch):
                     micro_batches = self._micro_batches(it)
                     result = self.backend.train_step(micro_batches)
-                    self.scheduler.step()
+                    for _ in range(self.steps_per_call):
+                        self.scheduler.step()
                     self.backend.lr_changed()
-                    self.global_step += 1
-                    self.batch_in_epoch = (step_in_epoch + 1) * self.accum
+                    prev_step = self.global_step
+                    self.global_step += self.steps_per_call
+                    self.batch_in_epoch = (call + 1) * self.micro_per_call
                     self.samples_seen += result.samples * self.dist.world_size
                     if self.ema is not None:
                         self.backend.sync_to_host()
@@ -405,11 +423,11 @@ class Trainer:
                     ips = window_samples / elapsed if elapsed > 0 else 0.0
                     lr = self.optimizer.param_groups[0]["lr"]
                     if bar is not None:
-                        bar.update(1)
+                        bar.update(self.steps_per_call)
                         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.1f}")
-                    last_in_epoch = step_in_epoch + 1 == self.steps_per_epoch
+                    last_in_epoch = call + 1 == self.calls_per_epoch
                     stop = max_steps is not None and self.global_step >= max_steps
-                    if self.global_step % t.log_every_steps == 0 or last_in_epoch or stop:
+                    if _crossed(prev_step, self.global_step, t.log_every_steps) or last_in_epoch or stop:
                         self.metrics.log(
                             {
                                 "kind": "train",
@@ -430,7 +448,7 @@ class Trainer:
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                     if last_in_epoch:
                         self.epoch, self.batch_in_epoch = epoch + 1, 0
-                    if t.checkpoint_every_steps and self.global_step % t.checkpoint_every_steps == 0:
+                    if t.checkpoint_every_steps and _crossed(prev_step, self.global_step, t.checkpoint_every_steps):
                         self.save()
                     if stop:
                         break
@@ -476,6 +494,11 @@ class Trainer:
     def close(self) -> None:
         """Tear down the process group (if this trainer created it)."""
         cleanup_distributed(self.dist)
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """True when a multiple of ``every`` lies in (before, after] (steps may advance by more than 1 per call)."""
+    return after // every > before // every
 
 
 def train(cfg: Config, *, resume: str | None = None, log: Callable[[str], None] | None = None) -> RunResult:
