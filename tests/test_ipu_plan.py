@@ -163,3 +163,23 @@ def test_accepts_app_schema_dataclass() -> None:
     p = build_plan(ex, TinyNet(), {"micro_batch_size": 2, "global_batch_size": 16})
     assert p.gradient_accumulation == 4 and p.num_stages == 2
     assert p.loss_scaling.auto  # the schema's default 'auto' with fp16 compute
+
+
+def _ipu_configs():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "configs").glob("ipu_*.yml"))
+
+
+@pytest.mark.parametrize("path", _ipu_configs(), ids=lambda p: p.name)
+def test_ipu_configs_make_valid_plans(path) -> None:
+    loader = pytest.importorskip("ipu_norm.config.loader")
+    from ipu_norm.models import create_model
+
+    cfg = loader.load_config(path)
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, norm=cfg.model.norm)
+    p = build_plan(cfg.execution, model, cfg.train)
+    assert p.device == "ipu" and p.global_batch_size == cfg.train.global_batch_size
+    assert p.ipus_used in (16, 64)  # POD16 / POD64 configs use the whole machine
+    assert str(p.ipus_used) in path.stem.replace("pod", "")

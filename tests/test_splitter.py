@@ -136,3 +136,11 @@ def test_plan_pipeline_memory_cost_runs_on_meta() -> None:
         m = TinyNet()
     splits = plan_pipeline(m, 2, cost="memory", image_size=8)
     assert len(splits) == 1
+
+
+def test_cli_prints_splits(capsys: pytest.CaptureFixture) -> None:
+    from ipu_norm.ipu.splitter import main
+
+    main(["--model", "resnet18", "--ipus", "2", "--image-size", "32"])
+    out = capsys.readouterr().out
+    assert out.startswith("pipeline_splits: [blocks.") and "IPU1:" in out

@@ -170,12 +170,14 @@ class ExecutionPlan:
         stages = ", ".join(f"IPU{s.ipu}<-{s.start}" for s in self.stages)
         amp = ", ".join(f"{p:g}" for p in self.available_memory_proportion)
         ls = "auto" if self.loss_scaling.auto else f"{self.loss_scaling.value:g}"
+        ck = self.recompute_checkpoints
+        ck_text = "" if not ck else f"[{', '.join(ck)}]" if len(ck) <= 4 else f"[{len(ck)} checkpoints]"
         return (
             f"device={self.device} precision={self.precision.name} micro_batch={self.micro_batch_size} "
             f"replicas={self.replicas} grad_accum={self.gradient_accumulation} "
             f"device_iterations={self.device_iterations} global_batch={self.global_batch_size} "
             f"samples/step={self.samples_per_step} stages=[{stages}] schedule={self.pipeline_schedule} "
-            f"recompute={self.recompute}{self.recompute_checkpoints or ''} mem_proportion=[{amp}] "
+            f"recompute={self.recompute}{ck_text} mem_proportion=[{amp}] "
             f"loss_scaling={ls} stochastic_rounding={self.stochastic_rounding} "
             f"optimizer_state_offchip={self.optimizer_state_offchip} rts={self.replicated_tensor_sharding}"
         )

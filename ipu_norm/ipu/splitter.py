@@ -183,6 +183,7 @@ def plan_pipeline(
     cost: str | Sequence[float] | CostFn = "flops",
     *,
     image_size: int | None = None,
+    micro_batch_size: int = 1,
 ) -> list[str]:
     """Balanced ``pipeline_splits`` for `model` over `num_ipus` stages.
 
@@ -193,6 +194,7 @@ def plan_pipeline(
             cost per unit (stem, blocks..., head) or per block (then stem/head cost 0 and are kept with their
             neighbours' stages), or a callable ``model -> list[float]`` returning either form.
         image_size: input side for the FLOP / memory count (default: ``model.default_cfg['train_size']``).
+        micro_batch_size: batch used by the 'memory' cost (activations scale with it, weights do not).
 
     Returns:
         Split names such as ``['blocks.4', 'blocks.11']`` (empty for one IPU).
@@ -204,7 +206,7 @@ def plan_pipeline(
         if cost == "flops":
             costs = unit_flops(model, image_size)
         elif cost == "memory":
-            costs = unit_memory(model, image_size)
+            costs = unit_memory(model, image_size, micro_batch_size)
         else:
             raise ValueError(f"unknown cost {cost!r}; use 'flops', 'memory', a list of floats or a callable")
     elif callable(cost):
@@ -223,3 +225,38 @@ def plan_pipeline(
         raise ValueError(f"model has only {len(units)} pipeline units (stem, blocks, head); cannot use {num_ipus}")
     splits = auto_split(costs, num_ipus)
     return [units[i][0] for i in splits]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: print balanced ``pipeline_splits`` for a registered model.
+
+    ``python -m ipu_norm.ipu --model efficientnet_b0 --norm ln+pn --ipus 2 --image-size 160 [--cost memory]``
+    """
+    import argparse
+
+    from ipu_norm.models import create_model
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--norm", default=None)
+    ap.add_argument("--ipus", type=int, default=2)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--micro-batch-size", type=int, default=1, help="for --cost memory")
+    ap.add_argument("--cost", choices=["flops", "memory"], default="flops")
+    args = ap.parse_args(argv)
+    kwargs = {"norm": args.norm} if args.norm else {}
+    with torch.device("meta"):
+        model = create_model(args.model, **kwargs)
+    costs = unit_flops(model, args.image_size) if args.cost == "flops" else unit_memory(
+        model, args.image_size, args.micro_batch_size)
+    splits = plan_pipeline(model, args.ipus, cost=costs, image_size=args.image_size)
+    names = [n for n, _ in pipeline_units(model)]
+    bounds = [0, *[names.index(s) for s in splits], len(names)]
+    total = sum(costs) or 1.0
+    print(f"pipeline_splits: [{', '.join(splits)}]")
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        print(f"  IPU{k}: {names[a]} .. {names[b - 1]}  {args.cost} share {sum(costs[a:b]) / total:.1%}")
+
+
+if __name__ == "__main__":
+    main()
