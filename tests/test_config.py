@@ -37,10 +37,23 @@ def test_config_dir_is_not_empty() -> None:
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=[p.name for p in ALL_CONFIGS])
 def test_every_shipped_config_validates(path: Path) -> None:
+    """Schema validation, then the model builds with the config's options (on the meta device: shapes only)
+    and the execution plan (batch arithmetic, pipeline splits) is consistent."""
+    import torch
+
+    from ipu_norm.ipu.plan import build_plan
+    from ipu_norm.train.builders import build_model
+
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     if path.name.startswith("tiny_"):
         assert cfg.execution.device == "cpu" and cfg.data.num_workers == 0
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert model.get_classifier().out_features == cfg.model.num_classes
+    plan = build_plan(cfg.execution, model, cfg.train)
+    if cfg.train.global_batch_size is not None:
+        assert plan.global_batch_size == cfg.train.global_batch_size
 
 
 def test_effnet_b0_proxy_recipe() -> None:
