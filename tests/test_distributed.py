@@ -106,7 +106,7 @@ def test_ddp_two_processes_equal_single_process_accumulation(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node=2 run_train.py`` trains, only rank 0 writes the run directory."""
+    """``torchrun --nproc_per_node=2 run_train.py`` trains and resumes; only rank 0 writes the run directory."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -131,3 +131,9 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
     assert proc.stdout.count("done:") == 1  # only rank 0 prints
     assert len(list((out / "checkpoints").glob("ckpt_step*.pt"))) == 1
     assert (out / "metrics.jsonl").read_text().count('"kind": "train"') == 3
+    # Resume with 2 processes: each rank restores its own RNG streams; training continues to step 5.
+    cmd = [c if c != "3" else "5" for c in cmd] + ["--resume"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 3" in proc.stdout and "re-seeded" not in proc.stdout
+    assert '"step": 5' in (out / "metrics.jsonl").read_text()
