@@ -267,10 +267,6 @@ class Trainer:
         if self.is_main:
             self._log(msg)
 
-    @property
-    def bare_model(self) -> nn.Module:
-        return self.model
-
     def _resume(self, resume: str) -> None:
         if resume == "latest":
             found = load_latest_good(self.ckpt_dir, report=self.log)
