@@ -18,6 +18,7 @@ size so the executable is not recompiled.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,7 @@ class PoptorchBackend:
                 "no per-unit gradient clipping. Train NFNets with AGC on cpu/cuda, or set optim.agc_clip: null."
             )
         self.model, self.plan, self.optimizer = model, plan, optimizer
+        self.memory_estimate = self._check_memory(model, plan)
         pa.cast_model_for_precision(model, plan)
         self._hooks = pa.annotate_model(model, plan, self.poptorch)
         options = pa.create_options(plan, poptorch=self.poptorch)
@@ -94,6 +96,22 @@ class PoptorchBackend:
         wrapped = pa.TrainingModelWithLoss(model, spec.criterion, plan.precision.compute_dtype, poptorch=self.poptorch)
         wrapped.train()
         self.train_model = self.poptorch.trainingModel(wrapped, options=options, optimizer=self.ipu_optimizer)
+
+    def _check_memory(self, model: nn.Module, plan: ExecutionPlan) -> Any:
+        """The memory engineer's per-stage estimate (ipu_norm.memory), before the long Poplar compilation.
+
+        A predicted overflow is reported as a warning naming the stage and what to change, not an error: the
+        estimate is approximate and the compiler has the final word.
+        """
+        try:
+            from ipu_norm.memory.estimate import MemoryBudgetError, check_fits_ipu
+        except ImportError:
+            return None
+        try:
+            return check_fits_ipu(model, plan, config=self.cfg)
+        except MemoryBudgetError as err:
+            warnings.warn(f"IPU memory estimate: {err}", RuntimeWarning, stacklevel=2)
+            return getattr(err, "estimate", None)
 
     # ------------------------------------------------------------------------------------ steps
 
