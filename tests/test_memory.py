@@ -17,9 +17,11 @@ from ipu_norm.memory.estimate import (
     estimate_plan,
     in_flight,
     max_micro_batch,
+    memory_balanced_splits,
     plan_fits,
     read_popvision,
     stage_estimate,
+    unit_memory_costs,
 )
 from ipu_norm.memory.measure import (
     ActivationProfile,
@@ -337,6 +339,20 @@ def test_check_fits_ipu_measures_the_model_and_accepts_execution_plan() -> None:
     assert est.plan.gradient_accumulation == 2 and est.plan.precision == "16.32"
     with pytest.raises(MemoryBudgetError, match=r"stage \d \("):
         check_fits_ipu(model, plan, resolution=16, ipu_memory_bytes=2 * 10**5, overhead_fraction=0.0)
+
+
+def test_memory_balanced_splits_and_cost_vector_for_the_splitter() -> None:
+    model = TinyResNet(n_blocks=6)
+    prof = fit_activation_scaling(model, 16, verify_sizes=())
+    plan = IPUPlan(micro_batch_size=8, num_stages=3, gradient_accumulation=3)
+    names = memory_balanced_splits(model, plan, profile=prof)
+    idx = [prof.names.index(n) for n in names]
+    assert len(names) == 2 and all(n.startswith("blocks.") or n == "head" for n in names)
+    assert estimate_plan(prof, plan, idx).max_total == pytest.approx(_brute_min_max(prof, plan))
+    costs = unit_memory_costs(prof, plan)
+    assert len(costs) == len(prof.blocks) and all(c > 0 for c in costs)
+    splitter = pytest.importorskip("ipu_norm.ipu.splitter")
+    assert len(splitter.plan_pipeline(model, 3, cost=costs)) == 2
 
 
 def test_read_popvision_without_libpva_returns_none(tmp_path) -> None:  # noqa: ANN001

@@ -15,7 +15,9 @@ from ipu_norm.memory.estimate import (
     check_fits_ipu,
     estimate_plan,
     max_micro_batch,
+    memory_balanced_splits,
     plan_fits,
+    unit_memory_costs,
 )
 from ipu_norm.memory.measure import (
     ActivationProfile,
@@ -28,5 +30,5 @@ from ipu_norm.memory.measure import (
 __all__ = [
     "IPU_MEMORY_BYTES", "ActivationProfile", "IPUPlan", "MemoryBudgetError", "PlanEstimate", "StageEstimate",
     "check_fits_ipu", "estimate_plan", "fit_activation_scaling", "max_micro_batch", "measure_activations",
-    "measure_peak", "measure_step", "plan_fits",
+    "measure_peak", "measure_step", "memory_balanced_splits", "plan_fits", "unit_memory_costs",
 ]

@@ -233,13 +233,16 @@ def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs:
     fig, axes = plt.subplots(len(archs), 2, figsize=(11, 4 * len(archs)), squeeze=False)
     for row, arch in enumerate(archs):
         ax_cpu, ax_ipu = axes[row]
-        for norm, r in zip(norms, results[arch]):
+        for i, (norm, r) in enumerate(zip(norms, results[arch])):
             if r is None:
                 continue
-            ax_cpu.plot(mbs, [r.train_bytes(m) / MB for m in mbs], marker="o", label=norm)
+            # distinct dashes and markers: some norms coincide (BN and GN save the same bytes)
+            style = {"marker": "osv^D"[i % 5], "ls": ["-", "--", "-", "--", ":"][i % 5], "label": norm,
+                     "markersize": 7 - i, "alpha": 0.85}
+            ax_cpu.plot(mbs, [r.train_bytes(m) / MB for m in mbs], **style)
             ipu = [estimate_plan(r.profile, replace(base, micro_batch_size=m, num_stages=1, splits=[])).max_total
                    / MB for m in mbs]
-            ax_ipu.plot(mbs, ipu, marker="o", label=norm)
+            ax_ipu.plot(mbs, ipu, **style)
         ax_ipu.axhline(base.ipu_memory_bytes / MB, color="k", ls="--", lw=1, label="900 MB IPU")
         for ax, title in ((ax_cpu, "CPU fp32 training memory"), (ax_ipu, f"1-IPU estimate ({base.precision})")):
             ax.set_xscale("log", base=2)

@@ -745,16 +745,42 @@ def check_fits_ipu(
     Measuring the profile runs two forward passes on CPU (ResNet-50 at 224 px: a few seconds).
     """
     plan = IPUPlan.from_any(plan_or_config, config, **overrides)
-    if profile is None:
-        if resolution is None:
-            res = _finder(plan_or_config, config)("resolution", "image_size", "train_size", "input_size")
-            cfg = getattr(model, "default_cfg", None) or {}
-            resolution = int(res) if isinstance(res, (int, float)) else int(cfg.get("train_size", 224))
-        profile = profile_model(model, resolution)
+    profile = profile or _resolve_profile(model, plan_or_config, config, resolution)
     est = estimate_plan(profile, plan)
     if not est.fits:
         raise MemoryBudgetError(format_plan_error(est, suggest(profile, plan)), est)
     return est
+
+
+def _resolve_profile(model: Any, plan_or_config: Any, config: Any, resolution: int | None) -> ActivationProfile:
+    if resolution is None:
+        res = _finder(plan_or_config, config)("resolution", "image_size", "train_size", "input_size")
+        cfg = getattr(model, "default_cfg", None) or {}
+        resolution = int(res) if isinstance(res, (int, float)) else int(cfg.get("train_size", 224))
+    return profile_model(model, resolution)
+
+
+def unit_memory_costs(profile: ActivationProfile, plan: IPUPlan) -> list[float]:
+    """Per-unit bytes (stem, blocks.*, head) for one micro-batch in flight, overhead excluded: a cost vector for
+    ``ipu.splitter.plan_pipeline(cost=...)``. Stage-dependent in-flight counts are not in it; for splits that
+    account for them use ``memory_balanced_splits``."""
+    one = replace(plan, num_stages=1, splits=[])
+    return [stage_estimate([b], 0, one).total - one.overhead_fraction * one.ipu_memory_bytes for b in profile.blocks]
+
+
+def memory_balanced_splits(
+    model: Any, plan_or_config: Any, num_stages: int | None = None, *, config: Any = None,
+    resolution: int | None = None, profile: ActivationProfile | None = None, **overrides: Any,
+) -> list[str]:
+    """``pipeline_splits`` names (e.g. ['blocks.4', 'blocks.11']) minimising the fullest IPU's estimate."""
+    if num_stages is not None:
+        overrides["num_stages"] = num_stages
+    plan = replace(IPUPlan.from_any(plan_or_config, config, **overrides), splits=None)
+    profile = profile or _resolve_profile(model, plan_or_config, config, resolution)
+    if plan.num_stages == 1:
+        return []
+    est = best_split(profile, plan)
+    return [profile.names[i] for i in est.splits]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -786,6 +812,6 @@ def read_popvision(directory: str) -> dict[str, Any] | None:
 __all__ = [
     "IPU_COUNTS", "IPU_MEMORY_BYTES", "IPUPlan", "MemoryBudgetError", "OPTIMIZER_SLOTS", "PRECISIONS",
     "PlanEstimate", "StageEstimate", "FitResult", "assumptions_text", "best_split",
-    "check_fits_ipu", "estimate_plan", "in_flight", "max_micro_batch", "plan_fits", "profile_model",
-    "read_popvision", "stage_estimate", "suggest",
+    "check_fits_ipu", "estimate_plan", "in_flight", "max_micro_batch", "memory_balanced_splits", "plan_fits",
+    "profile_model", "read_popvision", "stage_estimate", "suggest", "unit_memory_costs",
 ]
