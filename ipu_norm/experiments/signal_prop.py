@@ -337,7 +337,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--nf-branch-init", default="one", choices=["one", "default"])
     p.add_argument("--out", default="docs/results", help="output folder")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     result = run(args.arch, tuple(args.norms), not args.no_nf, args.batch, args.resolution, args.seed,
                  args.nf_branch_init)
     out = Path(args.out)
