@@ -136,6 +136,10 @@ class PoptorchBackend:
         targets = torch.cat([y for _, y in micro_batches])
         losses = self.train_model(images, targets)
         self._generation += 1
+        if self.optimizer is not None:
+            # The update ran on the device; tell torch's LR scheduler the (host) optimizer has stepped so it does
+            # not warn about scheduler.step() before optimizer.step() (torch checks this private flag).
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
         return step_result(loss=float(torch.as_tensor(losses).float().mean()), samples=int(images.shape[0]))
 
     @torch.no_grad()
