@@ -54,11 +54,18 @@ def test_accumulation_contradiction() -> None:
 
 
 def test_pipelined_training_needs_accumulation() -> None:
-    with pytest.raises(PlanError, match="gradient accumulation >= 3"):
-        plan({"pipeline_splits": ["blocks.2", "blocks.4"]}, micro=4, global_batch=8)
+    # IPU: PopTorch needs accumulation >= 2N-1 = 5 for 3 stages; torch's schedules on CPU need >= N = 3.
+    with pytest.raises(PlanError, match="on ipu needs gradient accumulation >= 5.*got 4.*>= 20"):
+        plan({"pipeline_splits": ["blocks.2", "blocks.4"]}, micro=4, global_batch=16)
+    assert plan({"pipeline_splits": ["blocks.2", "blocks.4"]}, micro=4, global_batch=20).gradient_accumulation == 5
+    with pytest.raises(PlanError, match="on cpu needs gradient accumulation >= 3"):
+        build_plan({"device": "cpu", "pipeline_splits": ["blocks.2", "blocks.4"]}, TinyNet(),
+                   {"micro_batch_size": 4, "global_batch_size": 8})
+    assert build_plan({"device": "cpu", "pipeline_splits": ["blocks.2", "blocks.4"]}, TinyNet(),
+                      {"micro_batch_size": 4, "global_batch_size": 12}).num_stages == 3
     # Inference plans do not accumulate.
     p = plan({"pipeline_splits": ["blocks.2", "blocks.4"]}, micro=4, training=False)
-    assert p.num_stages == 3
+    assert p.num_stages == 3 and p.inference_device_iterations == 3
 
 
 def test_unknown_stage_lists_valid_names() -> None:
@@ -80,27 +87,27 @@ def test_ipus_per_replica_consistency_and_auto_split() -> None:
 
 def test_available_ipus() -> None:
     with pytest.raises(PlanError, match="= 16 IPUs but 8 are available"):
-        plan({"replicas": 8, "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=16, available_ipus=8)
+        plan({"replicas": 8, "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=24, available_ipus=8)
 
 
 def test_available_ipus_from_poprun_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "4")
     monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "1")
     with pytest.raises(PlanError, match="but 4 are available"):
-        plan({"replicas": 4, "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=8)
+        plan({"replicas": 4, "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=12)
 
 
 def test_memory_proportion() -> None:
-    p = plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": 0.3}, micro=1, global_batch=2)
+    p = plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": 0.3}, micro=1, global_batch=3)
     assert p.available_memory_proportion == [0.3, 0.3]
-    p = plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.2, 0.5]}, micro=1, global_batch=2)
+    p = plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.2, 0.5]}, micro=1, global_batch=3)
     assert p.available_memory_proportion == [0.2, 0.5]
     with pytest.raises(PlanError, match=r"IPU1 is 1.5; it must be in \(0, 1\]"):
-        plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.2, 1.5]}, micro=1, global_batch=2)
+        plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.2, 1.5]}, micro=1, global_batch=3)
     with pytest.raises(PlanError, match="must be in"):
         plan({"available_memory_proportion": 0.0}, micro=1)
     with pytest.raises(PlanError, match="has 3 values for 2 IPUs"):
-        plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.1] * 3}, micro=1, global_batch=2)
+        plan({"pipeline_splits": ["blocks.3"], "available_memory_proportion": [0.1] * 3}, micro=1, global_batch=3)
 
 
 def test_recompute() -> None:

@@ -164,7 +164,7 @@ class PoptorchBackend:
             self._eval_models[key] = (executor, self._generation)
         # One inference call consumes micro-batch x local replicas x device iterations images; pad to that size so
         # a short last batch does not trigger a recompilation, then drop the padding.
-        per_call = self.plan.micro_batch_size * self.local_replicas() * self.plan.device_iterations
+        per_call = self.plan.micro_batch_size * self.local_replicas() * self.plan.inference_device_iterations
         n = images.shape[0]
         outs = []
         for start in range(0, n, per_call):

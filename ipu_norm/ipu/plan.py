@@ -154,6 +154,11 @@ class ExecutionPlan:
         return self.global_batch_size * self.device_iterations
 
     @property
+    def inference_device_iterations(self) -> int:
+        """Device iterations for an inference executable: PopTorch needs >= the number of pipeline stages."""
+        return max(self.device_iterations, self.num_stages) if self.pipelined else self.device_iterations
+
+    @property
     def pipeline_splits(self) -> list[str]:
         """Names where stages 1.. start (the config's ``pipeline_splits``)."""
         return [s.start for s in self.stages[1:]]
@@ -324,12 +329,18 @@ def build_plan(
     schedule = str(_get(execution, "pipeline_schedule", "gpipe")).lower()
     if schedule not in PIPELINE_SCHEDULES:
         raise PlanError(f"execution.pipeline_schedule={schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
-    if training and len(stages) > 1 and accum < len(stages):
-        raise PlanError(
-            f"pipelined training over {len(stages)} stages needs gradient accumulation >= {len(stages)} (the "
-            f"pipeline is filled by accumulated micro-batches), got {accum}; raise train.global_batch_size to "
-            f">= {mbs * replicas * len(stages)} or lower micro_batch_size / replicas"
-        )
+    if training and len(stages) > 1:
+        # PopTorch counts 2N-1 pipeline stages when training N IPU stages (each forward stage gets a backward
+        # stage; the last ones are fused) and requires gradient accumulation >= that count
+        # (popart_compiler/source/Compiler.cpp, docs/user_guide/overview.rst in graphcore/poptorch). torch's
+        # GPipe / 1F1B schedules on CPU/GPU need one micro-batch per stage.
+        need = 2 * len(stages) - 1 if device == "ipu" else len(stages)
+        if accum < need:
+            raise PlanError(
+                f"pipelined training over {len(stages)} stages on {device} needs gradient accumulation >= {need} (the "
+                f"pipeline is filled by accumulated micro-batches), got {accum}; raise train.global_batch_size to "
+                f">= {mbs * replicas * need} or lower micro_batch_size / replicas"
+            )
 
     # Recomputation.
     recompute = str(_get(execution, "recompute", "none")).lower()

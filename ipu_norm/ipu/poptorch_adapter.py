@@ -39,6 +39,9 @@ python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphco
 - PopART ``autoRecomputation`` values (popart.RecomputationType): 1 Standard, 3 Pipeline, 4 RecomputeAll, as used
   with ``_Popart.set("autoRecomputation", ...)`` and ``explicitRecomputation`` in graphcore/examples
   vision/cnns/pytorch and poptorch's tests.
+- Pipelining constraints, popart_compiler/source/Compiler.cpp and docs/user_guide/overview.rst: training N IPU
+  stages needs ``Training.gradientAccumulation >= 2N - 1``; pipelined inference needs ``deviceIterations >= N``
+  (enforced in ipu_norm/ipu/plan.py and `option_calls`).
 - popdist (Graphcore examples, e.g. vision/cnns/pytorch utils): ``popdist.isPopdistEnvSet()``, ``popdist.init()``,
   ``popdist.getNumTotalReplicas()``, ``popdist.getNumLocalReplicas()``, ``popdist.getInstanceIndex()``,
   ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (which refuses
@@ -132,7 +135,9 @@ def option_calls(plan: ExecutionPlan, *, popdist: bool = False, for_inference: b
     calls: list[OptionCall] = []
     if not popdist:
         calls.append(OptionCall("replicationFactor", (plan.replicas,)))
-    calls.append(OptionCall("deviceIterations", (plan.device_iterations,)))
+    # Pipelined inference needs device iterations >= stages (PopTorch checks it at compile time).
+    iterations = plan.inference_device_iterations if for_inference else plan.device_iterations
+    calls.append(OptionCall("deviceIterations", (iterations,)))
     # A replica needs a power-of-two IPU partition; round up rather than fail for e.g. 3-stage pipelines.
     calls.append(OptionCall("autoRoundNumIPUs", (True,)))
     if plan.training and not for_inference:
