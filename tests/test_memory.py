@@ -332,11 +332,12 @@ def test_check_fits_ipu_measures_the_model_and_accepts_execution_plan() -> None:
     model = TinyResNet()
     plan = plan_mod.build_plan(
         {"device": "ipu", "ipus_per_replica": 2, "pipeline_splits": ["blocks.1"], "precision": "16.32"},
-        model, {"micro_batch_size": 4, "global_batch_size": 8},
+        # PopTorch trains N=2 pipeline stages only with gradient accumulation >= 2N-1 = 3 (ExecutionPlan checks it).
+        model, {"micro_batch_size": 4, "global_batch_size": 12},
     )
     est = check_fits_ipu(model, plan, resolution=16)
     assert est.fits and est.splits == [2] and len(est.stages) == 2
-    assert est.plan.gradient_accumulation == 2 and est.plan.precision == "16.32"
+    assert est.plan.gradient_accumulation == 3 and est.plan.precision == "16.32"
     with pytest.raises(MemoryBudgetError, match=r"stage \d \("):
         check_fits_ipu(model, plan, resolution=16, ipu_memory_bytes=2 * 10**5, overhead_fraction=0.0)
 
