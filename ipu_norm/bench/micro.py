@@ -1,0 +1,170 @@
+"""Micro-benchmarks behind the overhead figures: what one AGC call and one Proxy Norm layer cost.
+
+    python -m ipu_norm.bench.micro agc [--model nfnet_f0] [--reps 5]
+    python -m ipu_norm.bench.micro pn [--batch 8] [--channels 256] [--size 24] [--reps 20]
+
+`agc`: the clip call alone on a model's real parameter shapes with random gradients, three ways, timed
+interleaved: ipu_norm.optim.agc.adaptive_clip_grad_ (the library: rows of equal length concatenated, one
+reduction per group), timm.utils.adaptive_clip_grad (one norm + where per parameter), and a prototype
+(`agc_per_tensor_views`) that takes per-tensor norms of reshaped *views* (no concatenation copies) and
+applies all factors with one _foreach_mul_. Their results are checked equal before timing.
+
+`pn`: forward+backward of one norm+activation layer at an activation shape, GN vs GN+PN (the library's
+GroupNormAct), and the two parts of PN's extra cost: the proxy statistics (C x 200 values, independent of
+batch and image size) and the extra per-channel affine over the full tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def _median_ms(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (ms) of each callable, timed round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+@torch.no_grad()
+def agc_per_tensor_views(params: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """AGC prototype: per-tensor unit-wise norms on reshaped views (no copies), one fused multiply.
+
+    Same math as ipu_norm.optim.agc.adaptive_clip_grad_ (REFERENCE.md); fewer bytes moved on CPU because
+    it never concatenates weights or gradients. More kernels than the grouped form (matters on GPU).
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    factors = []
+    for p, g in zip(params, grads):
+        if p.ndim <= 1:
+            w_n, g_n = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+        else:
+            rows = p.shape[0]
+            w_n = torch.linalg.vector_norm(p.view(rows, -1), dim=1).view((rows,) + (1,) * (p.ndim - 1))
+            g_n = torch.linalg.vector_norm(g.view(rows, -1), dim=1).view(w_n.shape)
+        max_n = w_n.clamp_min(eps) * clip_factor
+        factors.append(torch.where(g_n > max_n, max_n / g_n.clamp_min(1e-6), torch.ones_like(g_n)))
+    torch._foreach_mul_(grads, factors)
+
+
+def bench_agc(model_name: str = "nfnet_f0", reps: int = 5, clip_factor: float = 0.01) -> dict[str, float]:
+    """Time the three AGC implementations on `model_name`'s parameters (classifier excluded)."""
+    from timm.utils import adaptive_clip_grad  # noqa: PLC0415
+
+    from ipu_norm.models import create_model  # noqa: PLC0415
+    from ipu_norm.optim.agc import adaptive_clip_grad_, agc_parameters  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = create_model(model_name)
+    params = agc_parameters(model)
+    grads0 = [torch.randn_like(p) * 1e-2 for p in params]
+
+    def with_fresh_grads(fn: Callable[[list[nn.Parameter]], None]) -> Callable[[], None]:
+        def call() -> None:
+            for p, g in zip(params, grads0):
+                p.grad = g.clone()  # not timed separately: same copy for all three, subtracted below
+            fn(params)
+
+        return call
+
+    impls = {
+        "ipu_norm adaptive_clip_grad_": lambda ps: adaptive_clip_grad_(ps, clip_factor),
+        "timm adaptive_clip_grad": lambda ps: adaptive_clip_grad(ps, clip_factor),
+        "prototype per-tensor views": lambda ps: agc_per_tensor_views(ps, clip_factor),
+    }
+    results = []
+    for fn in impls.values():  # correctness first: all three clip identically
+        with_fresh_grads(fn)()
+        results.append([p.grad.clone() for p in params])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+    del results
+    fns = {k: with_fresh_grads(fn) for k, fn in impls.items()}
+    fns["(gradient reset copy only)"] = with_fresh_grads(lambda ps: None)
+    ms = _median_ms(fns, reps)
+    base = ms.pop("(gradient reset copy only)")
+    n = sum(p.numel() for p in params)
+    print(f"AGC on {model_name}: {len(params)} tensors, {n / 1e6:.1f}M parameters (classifier excluded); "
+          f"median of {reps}, gradient-reset copy ({base:.1f} ms) subtracted")
+    out = {}
+    for k, v in ms.items():
+        out[k] = v - base
+        print(f"  {k:32s} {v - base:8.1f} ms")
+    return out
+
+
+def bench_pn(batch: int = 8, channels: int = 256, size: int = 24, reps: int = 20, act: str = "relu") -> dict:
+    """Forward+backward of one GN vs GN+PN layer, and the proxy-statistics part of PN alone."""
+    from ipu_norm.layers.norm_act import GroupNormAct  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size, requires_grad=True)
+    gn = GroupNormAct(channels, act=act)
+    pn = GroupNormAct(channels, act=act, proxy=True)
+    gy = torch.randn_like(x)
+
+    def fb(layer: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            layer(x).backward(gy)
+
+        return call
+
+    def stats_only() -> None:
+        scale, shift = pn.proxy_affine()
+        (scale.sum() + shift.sum()).backward()
+
+    def extra_affine() -> None:
+        y = torch.relu(x)
+        s = torch.ones(1, channels, 1, 1, requires_grad=True)
+        torch.addcmul(s, y, s).backward(gy)
+
+    ms = _median_ms({"gn": fb(gn), "gn+pn": fb(pn), "proxy stats (fwd+bwd)": stats_only,
+                     "relu + per-channel affine (fwd+bwd)": extra_affine}, reps, warmup=2)
+    print(f"one GroupNormAct({channels}, act={act}) on {batch}x{channels}x{size}x{size}, fwd+bwd, median of {reps}:")
+    for k, v in ms.items():
+        print(f"  {k:38s} {v:8.3f} ms")
+    print(f"  PN overhead on this layer: {100 * (ms['gn+pn'] / ms['gn'] - 1):+.1f}%")
+    return ms
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point (see module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m ipu_norm.bench.micro", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("agc")
+    a.add_argument("--model", default="nfnet_f0")
+    a.add_argument("--reps", type=int, default=5)
+    b = sub.add_parser("pn")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--channels", type=int, default=256)
+    b.add_argument("--size", type=int, default=24)
+    b.add_argument("--act", default="relu")
+    b.add_argument("--reps", type=int, default=20)
+    for sp in (a, b):
+        sp.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "agc":
+        bench_agc(args.model, args.reps)
+    else:
+        bench_pn(args.batch, args.channels, args.size, args.reps, args.act)
+
+
+if __name__ == "__main__":
+    main()
