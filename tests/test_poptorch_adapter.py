@@ -468,3 +468,23 @@ def test_trainer_end_to_end_on_fake_poptorch(monkeypatch: pytest.MonkeyPatch, tm
     assert ("BeginBlock" in {e[0] for e in log})
     assert any(e[0] == "infer" for e in log)  # validation ran through the inference executable
     assert result.last_checkpoint is not None and result.last_checkpoint.exists()
+
+
+@pytest.mark.ipu
+def test_real_poptorch_pipelined_recompute_ipu_model() -> None:
+    """Two pipeline stages with checkpoints on the IPU Model: compiles, trains, weights come back to the host."""
+    import poptorch
+
+    model = TinyNet()
+    before = [p.detach().clone() for p in model.parameters()]
+    plan = build_plan({"device": "ipu", "ipu_model": True, "pipeline_splits": ["blocks.2"], "recompute": "checkpoints",
+                       "recompute_checkpoints": ["blocks.0"]}, model, {"micro_batch_size": 2, "global_batch_size": 6})
+    pa.annotate_model(model, plan)
+    opts = pa.create_options(plan)
+    opt = pa.create_optimizer(model.parameters(), "sgd", {"lr": 0.1}, plan)
+    tm = poptorch.trainingModel(pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss()), opts, opt)
+    losses = tm(torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,)))
+    assert torch.isfinite(losses).all()
+    tm.copyWeightsToHost()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    tm.detachFromDevice()
