@@ -342,6 +342,25 @@ def test_check_fits_ipu_measures_the_model_and_accepts_execution_plan() -> None:
         check_fits_ipu(model, plan, resolution=16, ipu_memory_bytes=2 * 10**5, overhead_fraction=0.0)
 
 
+def test_check_fits_ipu_reads_the_app_config() -> None:
+    schema = pytest.importorskip("ipu_norm.config.schema")
+    cfg = schema.Config()
+    cfg.train.micro_batch_size = 4
+    cfg.execution.precision = "16.16"
+    cfg.execution.pipeline_splits = ["blocks.2"]
+    cfg.optim.name = "rmsprop"
+    cfg.optim.momentum = 0.0
+    plan = IPUPlan.from_any(cfg)
+    assert (plan.micro_batch_size, plan.num_stages, plan.precision, plan.optimizer) == (4, 2, "16.16", "rmsprop")
+    model = TinyResNet()
+    est = check_fits_ipu(model, cfg)  # resolution from model.default_cfg (cfg.data.train_size is null)
+    assert est.fits and est.splits == [3]
+    # RMSprop without momentum: one fp16 (16.16) state slot per parameter of the stage
+    prof = fit_activation_scaling(model, model.default_cfg["train_size"], verify_sizes=())
+    stage_params = sum(b.param_elems for b in prof.blocks if b.name in est.stages[0].blocks)
+    assert est.stages[0].optimizer_state == 2 * stage_params
+
+
 def test_memory_balanced_splits_and_cost_vector_for_the_splitter() -> None:
     model = TinyResNet(n_blocks=6)
     prof = fit_activation_scaling(model, 16, verify_sizes=())

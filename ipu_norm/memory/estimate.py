@@ -675,9 +675,11 @@ def suggest(profile: ActivationProfile, plan: IPUPlan) -> list[str]:
             out.append(f"pipeline_splits [{names}] (memory-balanced)")
     for n in (2, 4, 8, 16):
         if n > plan.num_stages and n <= len(profile.blocks):
-            p = replace(plan, num_stages=n, splits=None, gradient_accumulation=max(plan.gradient_accumulation, n))
+            # PopTorch's pipelined training needs gradient accumulation >= 2N - 1 for N stages
+            acc = max(plan.gradient_accumulation, 2 * n - 1)
+            p = replace(plan, num_stages=n, splits=None, gradient_accumulation=acc)
             if estimate_plan(profile, p).fits:
-                out.append(f"{n} pipeline stages (gradient_accumulation >= {n})")
+                out.append(f"{n} pipeline stages (gradient_accumulation >= {2 * n - 1})")
                 break
     if plan.recompute == "none":
         p = replace(plan, recompute="checkpoints")
