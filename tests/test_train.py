@@ -356,3 +356,21 @@ def test_device_iterations_backend_bookkeeping(tmp_path: Path) -> None:
     b = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_torch_compile_backend_matches_eager() -> None:
+    """execution.compile: the compiled model takes the same step as eager (inductor needs a C++ compiler)."""
+    x, y = _batch(4)
+    models = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = TinyGN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        backend = TorchBackend("cpu", DistInfo())
+        plan = SimpleNamespace(precision="32.32", compile=compile_)
+        backend.prepare(model, opt, plan, TrainSpec(criterion=nn.CrossEntropyLoss()))
+        backend.train_step([(x[:2], y[:2]), (x[2:], y[2:])])
+        models.append(model)
+    for p1, p2 in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)

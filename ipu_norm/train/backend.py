@@ -142,6 +142,7 @@ class TorchBackend:
             self.device = torch.device("cpu")
         self.model: nn.Module | None = None  # the host module (unwrapped)
         self.train_model: nn.Module | None = None  # what forward runs (DDP / compiled)
+        self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper when running under torchrun
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.autocast_dtype: torch.dtype | None = None
@@ -165,13 +166,14 @@ class TorchBackend:
             # Selected on the bare model (classifier excluded by module, REFERENCE.md), before any wrapping.
             self.agc_params = list(agc_parameters(model))
         train_model: nn.Module = model
-        if getattr(plan, "compile", False):
-            train_model = torch.compile(train_model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            train_model = DDP(train_model, device_ids=ids)
+            self.ddp = train_model = DDP(model, device_ids=ids)
+        if getattr(plan, "compile", False):
+            # Compile the DDP-wrapped module (PyTorch's documented order: DDP first, then torch.compile).
+            train_model = torch.compile(train_model)
         self.train_model = train_model
 
     # ------------------------------------------------------------------------------------ steps
@@ -198,7 +200,7 @@ class TorchBackend:
             images, targets = self._to_device(images), self._to_device(targets)
             last = i == n - 1
             # DDP: all-reduce only on the last micro-batch's backward (gradients accumulate locally before).
-            sync_ctx = model.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+            sync_ctx = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
             with sync_ctx:
                 with self._autocast():
                     logits = model(images)
