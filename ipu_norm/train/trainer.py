@@ -342,7 +342,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5 (and loss) on the validation set, for the model and its EMA; summed over ranks."""
+        """Top-1/top-5 (and loss) on the validation set, for the model and its EMA; summed over ranks.
+
+        Under torchrun each rank evaluates its shard; like DistributedSampler, the shards are padded to equal
+        length by repeating a few samples when the set does not divide evenly (a bias of < world_size samples).
+        """
         self.backend.sync_to_host()
         models: list[tuple[str, nn.Module | None]] = [("", None)]
         if self.ema is not None:
