@@ -292,7 +292,7 @@ def test_max_micro_batch_is_the_boundary() -> None:
         mb = max_micro_batch(prof, base, n)
 
         def best(m: int, n: int = n) -> float:
-            p = replace(base, micro_batch_size=m, num_stages=n, gradient_accumulation=max(1, n if n > 1 else 1))
+            p = replace(base, micro_batch_size=m, num_stages=n, gradient_accumulation=2 * n - 1)
             return _brute_min_max(prof, p) if n > 1 else estimate_plan(prof, p, []).max_total
 
         if mb == 0:  # nothing fits on n stages

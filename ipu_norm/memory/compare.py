@@ -34,6 +34,7 @@ from ipu_norm.memory.estimate import (
     assumptions_text,
     estimate_plan,
     max_micro_batch,
+    min_accumulation,
     plan_fits,
     read_popvision,
 )
@@ -184,8 +185,8 @@ def smallest_fit(r: NormResult, base: IPUPlan, mb: int, accumulation: int, ipus:
     """'N IPU(s) (per-IPU max X MB)' for the fewest IPUs that fit mb, or 'none of ...'."""
     for n in ipus:
         for rc in ("none", "checkpoints"):
-            p = replace(base, micro_batch_size=mb, num_stages=n, gradient_accumulation=max(accumulation, n),
-                        recompute=rc, splits=None if n > 1 else [])
+            p = replace(base, micro_batch_size=mb, num_stages=n, recompute=rc, splits=None if n > 1 else [],
+                        gradient_accumulation=max(accumulation, min_accumulation(n)))
             e = estimate_plan(r.profile, p)
             if e.fits:
                 return f"{n} IPU{'s' if n > 1 else ''}{' with recompute' if rc != 'none' else ''} " \

@@ -342,6 +342,11 @@ class PlanEstimate:
         return max(s.total for s in self.stages)
 
 
+def min_accumulation(num_stages: int) -> int:
+    """Smallest gradient accumulation PopTorch accepts for pipelined training over `num_stages` (2N - 1)."""
+    return 2 * num_stages - 1 if num_stages > 1 else 1
+
+
 def in_flight(stage: int, num_stages: int) -> int:
     """Micro-batches whose activations stage `stage` holds: 2 (S - k) - 1 (1 without pipelining)."""
     return 2 * (num_stages - stage) - 1
@@ -590,7 +595,7 @@ def plan_fits(
             if n > len(profile.blocks):
                 continue
             p = replace(base, micro_batch_size=mb, num_stages=n, splits=None, recompute="none",
-                        gradient_accumulation=max(base.gradient_accumulation, n if n > 1 else 1))
+                        gradient_accumulation=max(base.gradient_accumulation, min_accumulation(n)))
             e = estimate_plan(profile, p) if n > 1 else estimate_plan(profile, p, [])
             prc = replace(p, recompute="checkpoints")
             erc = estimate_plan(profile, prc) if n > 1 else estimate_plan(profile, prc, [])
@@ -610,7 +615,7 @@ def max_micro_batch(profile: ActivationProfile, base: IPUPlan, num_ipus: int, li
 
     def fits(mb: int) -> bool:
         p = replace(base, micro_batch_size=mb, num_stages=num_ipus, splits=base.splits if keep else None,
-                    gradient_accumulation=max(base.gradient_accumulation, num_ipus if num_ipus > 1 else 1))
+                    gradient_accumulation=max(base.gradient_accumulation, min_accumulation(num_ipus)))
         return (estimate_plan(profile, p) if num_ipus > 1 or keep else estimate_plan(profile, p, [])).fits
 
     if num_ipus > len(profile.blocks) or not fits(1):
@@ -676,7 +681,7 @@ def suggest(profile: ActivationProfile, plan: IPUPlan) -> list[str]:
     for n in (2, 4, 8, 16):
         if n > plan.num_stages and n <= len(profile.blocks):
             # PopTorch's pipelined training needs gradient accumulation >= 2N - 1 for N stages
-            acc = max(plan.gradient_accumulation, 2 * n - 1)
+            acc = max(plan.gradient_accumulation, min_accumulation(n))
             p = replace(plan, num_stages=n, splits=None, gradient_accumulation=acc)
             if estimate_plan(profile, p).fits:
                 out.append(f"{n} pipeline stages (gradient_accumulation >= {2 * n - 1})")
@@ -814,6 +819,6 @@ def read_popvision(directory: str) -> dict[str, Any] | None:
 __all__ = [
     "IPU_COUNTS", "IPU_MEMORY_BYTES", "IPUPlan", "MemoryBudgetError", "OPTIMIZER_SLOTS", "PRECISIONS",
     "PlanEstimate", "StageEstimate", "FitResult", "assumptions_text", "best_split",
-    "check_fits_ipu", "estimate_plan", "in_flight", "max_micro_batch", "memory_balanced_splits", "plan_fits",
-    "profile_model", "read_popvision", "stage_estimate", "suggest", "unit_memory_costs",
+    "check_fits_ipu", "estimate_plan", "in_flight", "max_micro_batch", "min_accumulation", "memory_balanced_splits",
+    "plan_fits", "profile_model", "read_popvision", "stage_estimate", "suggest", "unit_memory_costs",
 ]

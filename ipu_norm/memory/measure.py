@@ -446,9 +446,10 @@ def measure_step(
         model, micro_batch, resolution, optimizer=optimizer, recompute=recompute, device=device,
         input_shape=input_shape,
     )
+    float_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     return StepMeasurement(
         micro_batch, resolution, optimizer, recompute, weights, pk.grad_bytes, pk.optimizer_state_bytes,
-        acts.total_bytes(4), pk.peak_fwd_bwd, pk.peak_step, pk.method, time.perf_counter() - t0, acts,
+        acts.total_bytes(float_bytes), pk.peak_fwd_bwd, pk.peak_step, pk.method, time.perf_counter() - t0, acts,
     )
 
 
