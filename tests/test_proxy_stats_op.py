@@ -101,7 +101,7 @@ def test_activation_derivative_formulas() -> None:
         torch.testing.assert_close(torch.as_tensor(d2, dtype=z.dtype).expand_as(z), want2)
         # The fused ATen vjp the backward op uses is grad * phi'.
         grad = torch.randn_like(z)
-        torch.testing.assert_close(ps_mod._act_vjp(grad, u.detach(), act), grad * d1)
+        torch.testing.assert_close(ps_mod.act_vjp(grad, u.detach(), act), grad * d1)
 
 
 def test_opcheck() -> None:
@@ -211,7 +211,7 @@ def test_torch_compile_fullgraph_inductor() -> None:
 
 def test_no_ipu_dispatch_without_poptorch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "poptorch", raising=False)
-    assert not ps_mod._running_on_ipu()
+    assert not ps_mod.running_on_ipu()
 
 
 def test_dispatch_to_ipu_op_under_poptorch_tracing(monkeypatch: pytest.MonkeyPatch) -> None:

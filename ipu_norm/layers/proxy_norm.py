@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, proxy_stats
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, act_vjp, proxy_stats, running_on_ipu
 
 DEFAULT_PROXY_EPS = 0.03
 # Parameter names of the proxy variable (beta~, gamma~). Among the PN parameters only these are
@@ -44,11 +44,53 @@ def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
 
 
+def _reduce_to_channel(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dim but the channel dim (1), keeping dims (the shape of a _channel_view)."""
+    return t.sum(dim=[d for d in range(t.dim()) if d != 1], keepdim=True)
+
+
+class _ProxyNormActFn(torch.autograd.Function):
+    """out = phi(u) * scale + shift with one saved activation (the memory of a plain norm + phi).
+
+    Autograd on the unfused ops would save u (for phi'), phi(u) (for d/d scale) and the output (by the
+    next conv): one full-size tensor more than GN + phi. Here phi(u) is recomputed in backward from u,
+    and for ReLU nothing but the output is saved: scale > 0 (an rsqrt), so phi(u) = (out - shift) / scale
+    and the ReLU mask is out > shift (exact up to rounding at the kink, where ReLU's derivative is
+    conventionally 0 anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str) -> torch.Tensor:  # noqa: ANN001
+        out = torch.addcmul(shift, ACT_FNS[act](u), scale)
+        ctx.act = act
+        ctx.save_for_backward(out if act == "relu" else u, scale, shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        saved, scale, shift = ctx.saved_tensors
+        if ctx.act == "relu":
+            centred = saved - shift  # phi(u) * scale
+            grad_u = torch.where(centred > 0, grad_out * scale, 0.0)
+            grad_scale = _reduce_to_channel(grad_out * centred) / scale
+        else:
+            grad_u = act_vjp(grad_out * scale, saved, ctx.act)
+            grad_scale = _reduce_to_channel(grad_out * ACT_FNS[ctx.act](saved))
+        return grad_u, grad_scale, _reduce_to_channel(grad_out), None
+
+
 def apply_proxy_norm_act(
     x_affine: torch.Tensor, act: str, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
-    """phi(x_affine) * scale + shift, per channel; x_affine is gamma * x + beta already."""
-    return torch.addcmul(_channel_view(shift, x_affine), ACT_FNS[act](x_affine), _channel_view(scale, x_affine))
+    """phi(x_affine) * scale + shift, per channel; x_affine is gamma * x + beta already.
+
+    Uses the memory-lean fused autograd function when gradients are needed; under poptorch tracing
+    (PopART differentiates the traced forward itself) and without grad, the plain two ops.
+    """
+    s, t = _channel_view(scale, x_affine), _channel_view(shift, x_affine)
+    if torch.is_grad_enabled() and not running_on_ipu() and act != "identity":
+        return _ProxyNormActFn.apply(x_affine, s, t, act)
+    return torch.addcmul(t, ACT_FNS[act](x_affine), s)
 
 
 class ProxyNormAct(nn.Module):

@@ -248,7 +248,7 @@ def _backward_terms(
     return q, zc, ds, w
 
 
-def _act_vjp(grad: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+def act_vjp(grad: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
     """grad * phi'(u) with ATen's fused activation-backward kernels (one pass, no phi' tensor).
 
     Same values as grad * _act_and_derivs(u, act, 1)[1] (phi'(0) = 0 for relu); tested against it.
@@ -287,7 +287,7 @@ def _proxy_stats_backward_op(
         coef = z.sub_(z.mean(dim=1)[:, None]).mul_(grad_var[:, None] * (2.0 / n)).add_(grad_mean[:, None] * (1.0 / n))
         # w_ci = d (gm . mean + gv . var) / d u_ci = coef_ci phi'(u_ci); the d mean / d u term of var
         # cancels because sum_i (z_ci - mean_c) = 0.
-        w = _act_vjp(coef, u, act)
+        w = act_vjp(coef, u, act)
         s0 = w.sum(dim=1)
         sq = torch.mv(w, q)
         d_gamma = torch.addcmul(proxy_beta * s0, 1.0 + proxy_gamma, sq)
@@ -368,7 +368,7 @@ _proxy_stats_backward_op.register_autograd(_backward_backward, setup_context=_se
 # Public entry point.
 
 
-def _running_on_ipu() -> bool:
+def running_on_ipu() -> bool:
     """True while PopTorch traces the model for the IPU; never imports poptorch itself."""
     if torch.compiler.is_compiling():
         # torch.compile (dynamo) never runs under PopTorch; also keeps this branch out of the graph.
@@ -397,7 +397,7 @@ def proxy_stats(
     act_name = canonical_act_name(act)
     if act_name not in PROXY_ACTS:
         raise ValueError(f"proxy_stats supports activations {PROXY_ACTS}, got {act!r}")
-    if _running_on_ipu():
+    if running_on_ipu():
         from ipu_norm.ops.proxy_stats_ipu import proxy_stats_ipu
 
         return proxy_stats_ipu(gamma, beta, proxy_gamma, proxy_beta, act_name, num_quantiles)
