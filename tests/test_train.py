@@ -374,3 +374,34 @@ def test_torch_compile_backend_matches_eager() -> None:
         models.append(model)
     for p1, p2 in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_scaler_path_unscales_before_agc_and_skips_overflow() -> None:
+    """The fp16 path's GradScaler logic, exercised on CPU with fp32 compute: with loss scaling the AGC-clipped
+    update equals the unscaled one (AGC sees unscaled gradients); an inf gradient skips the step."""
+    x, y = _batch(6, seed=3)
+    results = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = TinyGN()
+        backend, _ = _backend(model, agc=0.01)
+        if scaled:
+            backend.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        r = backend.train_step([(x[:3], y[:3]), (x[3:], y[3:])])
+        assert not r.skipped
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-7)
+    # Overflow: a non-finite loss makes every gradient inf/nan; the scaler skips the step and lowers the scale.
+    torch.manual_seed(0)
+    model = TinyGN()
+    backend, _ = _backend(model)
+    backend.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    r = backend.train_step([(bad, y)])
+    assert r.skipped and backend.scaler.get_scale() < 2.0**12
+    for k in before:
+        assert torch.equal(before[k], model.state_dict()[k]), k
+    assert backend.state_dict()["scaler"]["scale"] < 2.0**12  # saved in checkpoints
