@@ -25,13 +25,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    from ipu_norm.train.checkpoint import CheckpointError
     from ipu_norm.train.trainer import train
 
     try:
         result = train(cfg, resume=args.resume)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        # Start-up problems (missing SDK, bad dataset path, inconsistent batch sizes) get one clear line.
-        if isinstance(exc, RuntimeError) and "Poplar SDK" not in str(exc) and "cuda" not in str(exc):
+        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) get one
+        # clear line; other runtime errors keep their traceback.
+        expected = isinstance(exc, (ValueError, FileNotFoundError, CheckpointError)) or any(
+            s in str(exc) for s in ("Poplar SDK", "execution.device")
+        )
+        if not expected:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -138,6 +138,15 @@ def test_resume_at_epoch_boundary_and_from_explicit_path(tmp_path: Path) -> None
     a, b = _final_state(full.run_dir), _final_state(part_dir)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    # A run directory works too (its newest good checkpoint), written into a new output dir.
+    messages: list[str] = []
+    other = train(_tiny_cfg(tmp_path / "other", **{"train.epochs": 3}), resume=str(part_dir), log=messages.append)
+    assert any("resumed from" in m and "ckpt_step000000016" in m for m in messages) and other.global_step == 24
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        train(_tiny_cfg(tmp_path / "x"), resume=str(tmp_path / "empty"), log=lambda _: None)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train(_tiny_cfg(tmp_path / "x"), resume=str(tmp_path / "missing.pt"), log=lambda _: None)
 
 
 def test_resume_latest_skips_truncated_checkpoint(tmp_path: Path) -> None:

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         default=None,
         metavar="PATH",
-        help="resume from a checkpoint file; without PATH: the latest good checkpoint in the output dir",
+        help="resume from a checkpoint file or the latest good one in a run directory; without PATH: the latest "
+        "good checkpoint in the output dir (a fresh start if there is none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p

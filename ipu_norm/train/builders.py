@@ -26,7 +26,7 @@ def build_model(mcfg: ModelConfig) -> nn.Module:
         given = ", ".join(f"model.{k}" for k in kwargs if k != "num_classes" and k not in mcfg.kwargs)
         given += "".join(f", model.kwargs.{k}" for k in mcfg.kwargs)
         raise ValueError(
-            f"model {mcfg.name!r} rejected its options ({exc}); set the unsupported one of [{given}] to null"
+            f"model {mcfg.name!r} rejected its options ({exc}); remove (or null) the unsupported one of [{given}]"
         ) from exc
 
 

@@ -268,10 +268,16 @@ class Trainer:
             self._log(msg)
 
     def _resume(self, resume: str) -> None:
-        if resume == "latest":
-            found = load_latest_good(self.ckpt_dir, report=self.log)
+        """Restore a checkpoint: 'latest' (this run's directory), a run/checkpoint directory, or a file."""
+        if resume == "latest" or Path(resume).is_dir():
+            where = self.ckpt_dir if resume == "latest" else Path(resume)
+            if (where / "checkpoints").is_dir():
+                where = where / "checkpoints"
+            found = load_latest_good(where, report=self.log)
             if found is None:
-                self.log(f"NOTE: --resume: no usable checkpoint in {self.ckpt_dir}; starting from scratch")
+                if resume != "latest":
+                    raise CheckpointError(f"--resume {resume}: no usable checkpoint in {where}")
+                self.log(f"NOTE: --resume: no usable checkpoint in {where}; starting from scratch")
                 return
             path, state = found
         else:
