@@ -421,9 +421,12 @@ class Trainer:
                         self.backend.sync_to_host()
                         self.ema.update(self.model, self.global_step - 1)  # ModelEma counts steps from 0
                     if not math.isfinite(result.loss):
-                        raise FloatingPointError(f"training loss is {result.loss} at step {self.global_step}")
-                    window_loss += result.loss
-                    window_steps += 1
+                        if not result.skipped:  # fp16 overflow steps are skipped by the GradScaler: expected
+                            raise FloatingPointError(f"training loss is {result.loss} at step {self.global_step}")
+                        self.log(f"NOTE: step {self.global_step}: non-finite fp16 loss, update skipped (loss scaling)")
+                    else:
+                        window_loss += result.loss
+                        window_steps += 1
                     window_samples += result.samples * self.dist.world_size
                     elapsed = time.perf_counter() - window_t0
                     ips = window_samples / elapsed if elapsed > 0 else 0.0
@@ -439,7 +442,7 @@ class Trainer:
                                 "kind": "train",
                                 "epoch": epoch,
                                 "step": self.global_step,
-                                "loss": window_loss / window_steps,
+                                "loss": window_loss / window_steps if window_steps else float("nan"),
                                 "lr": lr,
                                 "img_per_s": ips,
                                 "samples": self.samples_seen,
@@ -449,7 +452,7 @@ class Trainer:
                         if bar is None:
                             self.log(
                                 f"epoch {epoch} step {self.global_step}/{self.total_steps} "
-                                f"loss {window_loss / window_steps:.4f} lr {lr:.4g} {ips:.1f} img/s"
+                                f"loss {window_loss / max(window_steps, 1):.4f} lr {lr:.4g} {ips:.1f} img/s"
                             )
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                     if last_in_epoch:
