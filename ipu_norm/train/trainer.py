@@ -148,6 +148,7 @@ class Trainer:
             test_size=self.test_size,
             num_classes=cfg.model.num_classes,
             seed=t.seed,
+            digits_image_size=d.digits_image_size,
         )
         self.train_set = build_dataset(d.dataset, "train", generated_samples=d.generated_samples, **common)
         self.val_set = build_dataset(d.dataset, "val", generated_samples=d.generated_val_samples, **common)
