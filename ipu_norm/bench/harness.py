@@ -140,7 +140,7 @@ def time_interleaved(
 
 
 def gemm_peak_flops(
-    device: torch.device, size: int, dtype: torch.dtype = torch.float32, reps: int = 5
+    device: torch.device, size: int, dtype: torch.dtype = torch.float32, reps: int = 10
 ) -> float:
     """Measured matmul throughput (FLOP/s) of torch.mm on size x size matrices: the practical peak."""
     gen = torch.Generator().manual_seed(0)
