@@ -488,3 +488,27 @@ def test_real_poptorch_pipelined_recompute_ipu_model() -> None:
     tm.copyWeightsToHost()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     tm.detachFromDevice()
+
+
+def test_backend_refuses_plan_over_ipu_memory_before_compiling() -> None:
+    """execution.memory_check: error (the default) stops before poptorch.trainingModel; warn only reports."""
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.memory import MemoryBudgetError
+    from ipu_norm.train.backend import TrainSpec
+
+    huge = {"micro_batch_size": 200_000, "global_batch_size": 200_000}  # ~GBs of activations for TinyNet
+    for mode in ("error", "warn"):
+        log: list = []
+        cfg = types.SimpleNamespace(execution=types.SimpleNamespace(memory_check=mode), optim=None)
+        backend = PoptorchBackend(cfg=cfg, poptorch=fake_poptorch_with_executors(log, micro=2))
+        model = TinyNet()
+        plan = build_plan({"device": "ipu"}, model, huge)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if mode == "error":
+            with pytest.raises(MemoryBudgetError, match="stage 0.*budget"):
+                backend.prepare(model, opt, plan, TrainSpec(criterion=nn.CrossEntropyLoss()))
+            assert backend.train_model is None  # nothing was compiled
+        else:
+            with pytest.warns(RuntimeWarning, match="budget"):
+                backend.prepare(model, opt, plan, TrainSpec(criterion=nn.CrossEntropyLoss()))
+            assert backend.train_model is not None

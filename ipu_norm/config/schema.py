@@ -127,6 +127,9 @@ class ExecutionConfig:
     optimizer_state_offchip: bool = False
     replicated_tensor_sharding: bool = False
     executable_cache_dir: str | None = None
+    # IPU: the per-stage memory estimate (ipu_norm.memory) runs before compilation; a predicted overflow of the
+    # 900 MB In-Processor-Memory is an error (default), a warning, or not checked.
+    memory_check: Literal["error", "warn", "off"] = "error"
     ipu_model: bool = False  # run on the Poplar IPU Model (CPU emulation) instead of hardware
     compile: bool = False  # torch.compile the model on CPU/GPU
 

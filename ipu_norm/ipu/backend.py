@@ -98,18 +98,25 @@ class PoptorchBackend:
         self.train_model = self.poptorch.trainingModel(wrapped, options=options, optimizer=self.ipu_optimizer)
 
     def _check_memory(self, model: nn.Module, plan: ExecutionPlan) -> Any:
-        """The memory engineer's per-stage estimate (ipu_norm.memory), before the long Poplar compilation.
+        """The per-stage memory estimate (ipu_norm.memory), before the long Poplar compilation.
 
-        A predicted overflow is reported as a warning naming the stage and what to change, not an error: the
-        estimate is approximate and the compiler has the final word.
+        ``execution.memory_check`` decides what a predicted overflow does: 'error' (default) refuses the run with
+        the stage, the figure and what to change; 'warn' only reports it (the estimate is approximate and the
+        compiler has the final word); 'off' skips the estimate.
         """
-        try:
-            from ipu_norm.memory.estimate import MemoryBudgetError, check_fits_ipu
-        except ImportError:
+        mode = getattr(getattr(self.cfg, "execution", None), "memory_check", "error")
+        if mode == "off":
             return None
+        from ipu_norm.memory.estimate import MemoryBudgetError, check_fits_ipu
+
         try:
             return check_fits_ipu(model, plan, config=self.cfg)
         except MemoryBudgetError as err:
+            if mode == "error":
+                raise MemoryBudgetError(
+                    f"{err} (refused before compiling; set execution.memory_check: warn to try anyway)",
+                    estimate=getattr(err, "estimate", None),
+                ) from None
             warnings.warn(f"IPU memory estimate: {err}", RuntimeWarning, stacklevel=2)
             return getattr(err, "estimate", None)
 
