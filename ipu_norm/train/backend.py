@@ -166,11 +166,16 @@ class TorchBackend:
             # Selected on the bare model (classifier excluded by module, REFERENCE.md), before any wrapping.
             self.agc_params = list(agc_parameters(model))
         train_model: nn.Module = model
+        if getattr(plan, "training", False) and getattr(plan, "recompute", "none") != "none":
+            from ipu_norm.parallel.stages import build_local_model
+
+            # The IPU plan's recomputation points, as torch.utils.checkpoint segments over the same modules.
+            train_model = build_local_model(model, plan, device_type=self.device.type, autocast=False)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = train_model = DDP(model, device_ids=ids)
+            self.ddp = train_model = DDP(train_model, device_ids=ids)
         if getattr(plan, "compile", False):
             # Compile the DDP-wrapped module (PyTorch's documented order: DDP first, then torch.compile).
             train_model = torch.compile(train_model)
