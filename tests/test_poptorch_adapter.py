@@ -512,3 +512,38 @@ def test_backend_refuses_plan_over_ipu_memory_before_compiling() -> None:
             with pytest.warns(RuntimeWarning, match="budget"):
                 backend.prepare(model, opt, plan, TrainSpec(criterion=nn.CrossEntropyLoss()))
             assert backend.train_model is not None
+
+
+def test_poprun_instances_shard_data_without_a_process_group(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Under `poprun --num-instances=2 --num-replicas=2`, instance 1 drives 1 replica and reads half the data."""
+    import sys
+
+    from ipu_norm.config.loader import load_config
+    from ipu_norm.train.distributed import init_distributed
+    from ipu_norm.train.trainer import Trainer
+
+    monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "2")
+    monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    info = init_distributed("ipu")
+    assert (info.enabled, info.rank, info.world_size, info.is_main) == (False, 1, 2, False)
+    assert init_distributed("cpu").world_size == 1  # torchrun's variables decide on CPU/GPU, not poprun's
+
+    log: list = []
+    popdist = types.SimpleNamespace(
+        init=lambda: log.append(("popdist.init",)),
+        getNumTotalReplicas=lambda: 2,
+        poptorch=types.SimpleNamespace(Options=lambda ipus_per_replica: Recorder(log)),
+    )
+    monkeypatch.setitem(sys.modules, "popdist", popdist)
+    monkeypatch.setitem(sys.modules, "popdist.poptorch", popdist.poptorch)
+    monkeypatch.setitem(sys.modules, "poptorch", fake_poptorch_with_executors(log, micro=4))
+    cfg = load_config("configs/tiny_resnet18_gn.yml", overrides=[
+        "execution.device=ipu", "execution.replicas=2", "train.global_batch_size=16", f"train.output_dir={tmp_path}",
+        "train.epochs=1", "train.ema_decay=null",
+    ])
+    trainer = Trainer(cfg, log=lambda msg: None)
+    assert trainer.sampler.num_replicas == 2 and trainer.sampler.rank == 1
+    # accumulation 16 / (4 x 2 replicas) = 2; this instance drives 1 of the 2 replicas.
+    assert trainer.micro_per_call == trainer.backend.micro_batches_per_step == 2

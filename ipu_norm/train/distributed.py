@@ -36,6 +36,8 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
 
     ``device`` is the resolved execution device: nccl for 'cuda', gloo otherwise.
     """
+    if device == "ipu":
+        return _poprun_instance()
     if not launched_by_torchrun():
         return DistInfo()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -45,6 +47,21 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> DistInfo:
             torch.cuda.set_device(local)
         torch_dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistInfo(enabled=True, rank=rank, world_size=world, local_rank=local)
+
+
+def _poprun_instance() -> DistInfo:
+    """This host process's place among ``poprun --num-instances=I`` instances (rank = instance index).
+
+    PopTorch/popdist reduce gradients across replicas themselves, so no torch process group is created
+    (``enabled`` stays False): the instance index and count only shard the data and pick the writing process.
+    Metrics are each instance's own (instance 0 logs and checkpoints).
+    """
+    from ipu_norm.ipu.poptorch_adapter import popdist_rank_and_size, under_poprun
+
+    if not under_poprun():
+        return DistInfo()
+    rank, instances = popdist_rank_and_size()
+    return DistInfo(enabled=False, rank=rank, world_size=instances, local_rank=0)
 
 
 def cleanup_distributed(dist: DistInfo) -> None:
