@@ -46,6 +46,7 @@ from torch import nn
 from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.layers.norm_act import BatchNormAct2d, create_norm_act, parse_norm
 from ipu_norm.layers.squeeze_excite import SqueezeExcite
+from ipu_norm.models.base import StemBlocksHead
 from ipu_norm.models.registry import register_model
 
 __all__ = ["EfficientNet", "MBConv", "make_divisible", "EFFICIENTNET_VARIANTS"]
@@ -173,7 +174,7 @@ class EfficientNetHead(nn.Module):
         return self.fc(self.drop(torch.flatten(self.pool(self.conv(x)), 1)))
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(StemBlocksHead):
     """EfficientNet following the model contract: `.stem`, `.blocks` (flat list of MBConv), `.head`.
 
     Args:
@@ -245,16 +246,8 @@ class EfficientNet(nn.Module):
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Linear:
-        """The final Linear layer."""
-        return self.head.fc
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map before the head (before the head's 1x1 conv)."""
-        return self.blocks(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _create_efficientnet(

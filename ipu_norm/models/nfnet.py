@@ -47,6 +47,7 @@ from ipu_norm.layers.activations import NF_ACT_GAMMA, GammaAct, canonical_act_na
 from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.layers.squeeze_excite import SqueezeExcite
 from ipu_norm.layers.weight_std import WS_FORMS, ScaledStdConv2d
+from ipu_norm.models.base import StemBlocksHead
 from ipu_norm.models.registry import register_model
 
 __all__ = ["NFBlock", "NFHead", "NFNetCfg", "NFShortcut", "NormFreeNet", "NFNET_VARIANTS", "nf_resnet50",
@@ -218,7 +219,7 @@ def _make_stem(cfg: NFNetCfg, in_chans: int, act_layer: Callable[[], nn.Module],
     raise ValueError(f"unknown NF stem {cfg.stem!r}")
 
 
-class NormFreeNet(nn.Module):
+class NormFreeNet(StemBlocksHead):
     """Normalizer-free network following the project's model contract (ipu_norm/models/registry.py).
 
     Keyword args (None = the cfg's value): drop_rate (dropout before fc), drop_path_rate (stochastic depth of
@@ -342,9 +343,6 @@ class NormFreeNet(nn.Module):
             else:
                 b.conv3.gain.fill_(value)
 
-    def get_classifier(self) -> nn.Linear:
-        """The final Linear layer (excluded from AGC)."""
-        return self.head.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for `num_classes` classes."""
@@ -355,12 +353,7 @@ class NormFreeNet(nn.Module):
         self.num_classes = num_classes
         self.default_cfg["num_classes"] = num_classes
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual stream after the last block (before the head's final conv)."""
-        return self.blocks(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
 
 
 # variant: (depths, train size, test size, dropout) from REFERENCE.md / DeepMind's nfnet_params.

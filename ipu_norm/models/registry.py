@@ -1,6 +1,7 @@
 """Model registry: `@register_model` on a builder, `create_model(name, norm=..., num_classes=...)`.
 
-Model contract (every registered model follows it; pipelining, memory planning and AGC rely on it):
+Model contract (every registered model follows it, by subclassing `ipu_norm.models.base.StemBlocksHead`;
+pipelining, memory planning and AGC rely on it):
 - ``model.stem``, ``model.blocks`` (an ``nn.Sequential`` of the residual/MBConv blocks, flat, in order)
   and ``model.head`` (everything after the blocks: final conv if any, pool, dropout, classifier);
   ``forward(x) == head(blocks(stem(x)))``.

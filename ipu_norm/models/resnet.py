@@ -24,6 +24,7 @@ from torch import nn
 
 from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.layers.norm_act import create_norm_act, parse_norm
+from ipu_norm.models.base import StemBlocksHead
 from ipu_norm.models.registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "ClassifierHead", "ResNet", "ResNetStem"]
@@ -141,7 +142,7 @@ class Bottleneck(nn.Module):
         return F.relu(self.drop_path(out) + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(StemBlocksHead):
     """ResNet following the model contract: `.stem`, `.blocks` (flat), `.head` (`.head.fc`).
 
     Args:
@@ -197,16 +198,8 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def get_classifier(self) -> nn.Linear:
-        """The final Linear layer."""
-        return self.head.fc
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map before the head."""
-        return self.blocks(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 _CFGS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
