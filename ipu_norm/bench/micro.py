@@ -133,12 +133,21 @@ def bench_pn(batch: int = 8, channels: int = 256, size: int = 24, reps: int = 20
         s = torch.ones(1, channels, 1, 1, requires_grad=True)
         torch.addcmul(s, y, s).backward(gy)
 
-    ms = _median_ms({"gn": fb(gn), "gn+pn": fb(pn), "proxy stats (fwd+bwd)": stats_only,
-                     "relu + per-channel affine (fwd+bwd)": extra_affine}, reps, warmup=2)
+    fns = {"gn": fb(gn), "gn+pn": fb(pn), "proxy stats (fwd+bwd)": stats_only,
+           "relu + per-channel affine (fwd+bwd)": extra_affine}
+    if act == "relu":
+        import copy  # noqa: PLC0415
+
+        from ipu_norm.bench.prototypes import relu_fold_proxy_norm  # noqa: PLC0415
+
+        fns["gn+pn relu-fold prototype"] = fb(relu_fold_proxy_norm(copy.deepcopy(pn)))
+    ms = _median_ms(fns, reps, warmup=2)
     print(f"one GroupNormAct({channels}, act={act}) on {batch}x{channels}x{size}x{size}, fwd+bwd, median of {reps}:")
     for k, v in ms.items():
         print(f"  {k:38s} {v:8.3f} ms")
     print(f"  PN overhead on this layer: {100 * (ms['gn+pn'] / ms['gn'] - 1):+.1f}%")
+    if "gn+pn relu-fold prototype" in ms:
+        print(f"  with the relu-fold prototype: {100 * (ms['gn+pn relu-fold prototype'] / ms['gn'] - 1):+.1f}%")
     return ms
 
 
