@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -150,6 +151,9 @@ class Trainer:
             seed=t.seed,
             digits_image_size=d.digits_image_size,
         )
+        num_workers = min(d.num_workers, os.cpu_count() or 1)
+        if num_workers < d.num_workers:
+            self.log(f"NOTE: data.num_workers={d.num_workers} > {num_workers} CPU cores; using {num_workers} workers")
         self.train_set = build_dataset(d.dataset, "train", generated_samples=d.generated_samples, **common)
         self.val_set = build_dataset(d.dataset, "val", generated_samples=d.generated_val_samples, **common)
         self.sampler = ResumableSampler(
@@ -164,7 +168,7 @@ class Trainer:
             self.train_set,
             batch_size=self.micro,
             sampler=self.sampler,
-            num_workers=d.num_workers,
+            num_workers=num_workers,
             drop_last=True,
             seed=mix_seed(t.seed, 1, self.dist.rank),
             pin_memory=cfg.execution.device == "cuda",
@@ -181,7 +185,7 @@ class Trainer:
             self.val_set,
             batch_size=d.val_batch_size or self.micro,
             sampler=val_sampler,
-            num_workers=d.num_workers,
+            num_workers=num_workers,
             drop_last=False,
             seed=mix_seed(t.seed, 2, self.dist.rank),
             pin_memory=cfg.execution.device == "cuda",
