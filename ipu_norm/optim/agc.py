@@ -54,8 +54,9 @@ def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
 def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """unitwise_norm of every tensor, computed with one reduction per (device, dtype, row length) group.
 
-    Matrices/conv weights are viewed as (rows, row_len) and concatenated along rows inside a group, so a
-    network with hundreds of parameters costs a handful of kernels; vectors/scalars go through a single
+    On accelerators, matrices/conv weights are viewed as (rows, row_len) and concatenated along rows inside a
+    group, so a network with hundreds of parameters costs a handful of kernels (on CPU each view is reduced in
+    place instead, see below); vectors/scalars go through a single
     torch._foreach_norm. Norms are accumulated in fp32 for half-precision tensors.
     """
     out: list[torch.Tensor | None] = [None] * len(tensors)
@@ -71,8 +72,17 @@ def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         norms = torch._foreach_norm([tensors[i].float() if tensors[i].dtype in half else tensors[i] for i in whole])
         for i, n in zip(whole, norms):
             out[i] = n
-    for (_, dtype, row_len), idx in groups.items():
+    for (device, dtype, row_len), idx in groups.items():
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        if device.type == "cpu":
+            # On CPU, concatenating first would copy every weight and gradient (2x the model per step, measured
+            # 2.6x slower than per-tensor reductions on NFNet-F0) while there is no kernel-launch overhead to
+            # amortise: reduce each (rows, row_len) view in place. PyTorch's optimizers likewise use their
+            # multi-tensor (foreach) paths on accelerators only.
+            for i in idx:
+                norms = torch.linalg.vector_norm(tensors[i].reshape(-1, row_len), dim=1, dtype=acc)
+                out[i] = norms.view((-1,) + (1,) * (tensors[i].ndim - 1))
+            continue
         rows = torch.cat([tensors[i].reshape(-1, row_len) for i in idx]).to(acc)
         norms = torch.linalg.vector_norm(rows, dim=1)
         sizes = [tensors[i].shape[0] for i in idx]
