@@ -57,3 +57,28 @@ def test_gn_pn_saves_no_more_than_gn(act: str) -> None:
         block = torch.nn.Sequential(create_norm_act(norm, 16, act), torch.nn.Conv2d(16, 16, 3, padding=1))
         sizes[norm] = _saved_bytes(block, x)
     assert sizes["gn+pn"] <= sizes["gn"] * 1.01
+
+
+def test_relu_fold_matches_unfolded_proxy_norm() -> None:
+    """GroupNormAct(relu, proxy) folds the PN scale into the GN affine: same output and gradients as GN -> PN-Act."""
+    from ipu_norm.layers import GroupNormAct, ProxyNormAct
+
+    torch.manual_seed(1)
+    fused = GroupNormAct(8, num_groups=2, act="relu", proxy=True).double()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p is fused.weight else 0.0))
+    ref = ProxyNormAct(8, act="relu", eps=fused.proxy_eps).double()
+    ref.load_state_dict({k: v for k, v in fused.state_dict().items()})
+    x = torch.randn(3, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = fused(x)
+    expected = ref(torch.nn.functional.group_norm(x, 2, eps=fused.eps))
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    params = [fused.weight, fused.bias, fused.proxy_weight, fused.proxy_bias]
+    ref_params = [ref.weight, ref.bias, ref.proxy_weight, ref.proxy_bias]
+    grads = torch.autograd.grad(out, [x, *params], g)
+    ref_grads = torch.autograd.grad(expected, [x, *ref_params], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x: fused(x), (x,))

@@ -29,6 +29,7 @@ from ipu_norm.layers.proxy_norm import (
     DEFAULT_PROXY_EPS,
     apply_proxy_norm_act,
     proxy_affine,
+    relu_add_shift,
 )
 from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES
 
@@ -128,10 +129,15 @@ class GroupNormAct(nn.GroupNorm):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.proxy:
+            return ACT_FNS[self.act_name](F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+        scale, shift = self.proxy_affine()
+        if self.act_name == "relu":
+            # The PN scale (> 0) commutes with ReLU: fold it into GroupNorm's affine (relu_add_shift docstring).
+            x = F.group_norm(x, self.num_groups, self.weight * scale, self.bias * scale, self.eps)
+            return relu_add_shift(x, shift)
         x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        if self.proxy:
-            return apply_proxy_norm_act(x, self.act_name, *self.proxy_affine())
-        return ACT_FNS[self.act_name](x)
+        return apply_proxy_norm_act(x, self.act_name, scale, shift)
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, act={self.act_name}"

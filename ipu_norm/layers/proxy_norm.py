@@ -79,6 +79,34 @@ class _ProxyNormActFn(torch.autograd.Function):
         return grad_u, grad_scale, _reduce_to_channel(grad_out), None
 
 
+class _ReluShiftFn(torch.autograd.Function):
+    """out = relu(u) + shift, saving only the output (the mask is out > shift)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = torch.relu(u).add_(shift)
+        ctx.save_for_backward(out, shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        out, shift = ctx.saved_tensors
+        return torch.where(out > shift, grad_out, 0.0), _reduce_to_channel(grad_out)
+
+
+def relu_add_shift(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(u) + shift per channel: the ReLU PN-Act once the PN scale is folded into the preceding affine.
+
+    ReLU commutes with a positive per-channel scale and the PN scale 1/sqrt(var~ + eps) is always positive, so
+    relu(gamma x + beta) * s + t == relu((gamma s) x + beta s) + t exactly; a norm with a fused affine
+    (GroupNormAct) then pays one add per element for Proxy Norm instead of a multiply-add and its backward.
+    """
+    t = _channel_view(shift, u)
+    if torch.is_grad_enabled() and not running_on_ipu():
+        return _ReluShiftFn.apply(u, t)
+    return torch.relu(u) + t
+
+
 def apply_proxy_norm_act(
     x_affine: torch.Tensor, act: str, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
