@@ -71,7 +71,8 @@ class _ProxyNormActFn(torch.autograd.Function):
         saved, scale, shift = ctx.saved_tensors
         if ctx.act == "relu":
             centred = saved - shift  # phi(u) * scale
-            grad_u = torch.where(centred > 0, grad_out * scale, 0.0)
+            # ATen's threshold_backward: grad where centred > 0 else 0 (several times faster than torch.where).
+            grad_u = torch.ops.aten.threshold_backward(grad_out * scale, centred, 0)
             grad_scale = _reduce_to_channel(grad_out * centred) / scale
         else:
             grad_u = act_vjp(grad_out * scale, saved, ctx.act)
@@ -91,7 +92,8 @@ class _ReluShiftFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
         out, shift = ctx.saved_tensors
-        return torch.where(out > shift, grad_out, 0.0), _reduce_to_channel(grad_out)
+        # relu'(u) = [out > shift]; ATen's threshold_backward is several times faster than torch.where on CPU.
+        return torch.ops.aten.threshold_backward(grad_out, out - shift, 0), _reduce_to_channel(grad_out)
 
 
 def relu_add_shift(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
