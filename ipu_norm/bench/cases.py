@@ -89,40 +89,8 @@ def ipu_norm_agc(clip_factor: float = AGC_CLIP) -> ClipFactory:
     return factory
 
 
-def _relu_fold(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    def wrapped() -> nn.Module:
-        from ipu_norm.bench.prototypes import relu_fold_proxy_norm  # noqa: PLC0415
-
-        return relu_fold_proxy_norm(build())
-
-    return wrapped
-
-
-def _add_prototypes(groups: list[Group], num_classes: int) -> None:
-    """Extra rows measuring the prototype fixes of ipu_norm.bench.prototypes next to the library code."""
-    from ipu_norm.bench.prototypes import agc_prototype  # noqa: PLC0415
-
-    for g in groups:
-        if g.name == "resnet50_gn":
-            g.variants.append(Variant("proto resnet50 gn+pn relu-fold", "prototype",
-                                      _relu_fold(_ipu("resnet50", num_classes, norm="gn+pn")),
-                                      note="PN scale folded into the GN affine (ReLU only)"))
-            g.ratios.append(("proto resnet50 gn+pn relu-fold", "timm resnet50 gn",
-                             "ResNet-50 GN+PN relu-fold prototype vs timm GN", ">=1.0"))
-            g.extra_pn_pairs.append(("proto resnet50 gn+pn relu-fold", "ipu_norm resnet50 gn"))
-        if g.name == "nfnet_f0_agc":
-            g.variants.append(Variant("proto nfnet_f0 +agc per-tensor views", "prototype",
-                                      _ipu("nfnet_f0", num_classes, **NO_DROP), clip=agc_prototype(AGC_CLIP),
-                                      note="AGC without concatenation copies"))
-            g.ratios.append(("proto nfnet_f0 +agc per-tensor views", "timm dm_nfnet_f0 +agc",
-                             "NFNet-F0 + prototype AGC vs timm", ">=1.0"))
-            g.extra_agc_rows.append("proto nfnet_f0 +agc per-tensor views")
-
-
-def build_groups(num_classes: int = 1000, names: list[str] | None = None, prototypes: bool = False) -> list[Group]:
+def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> list[Group]:
     """The benchmark groups (all, or those named), with their variants and reported ratios.
-
-    prototypes: add rows for the prototype fixes (ipu_norm.bench.prototypes) to the groups they concern.
     """
     gn_eps = DEFAULT_EPS["gn"]
     groups = [
@@ -200,8 +168,6 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None, protot
         if unknown:
             raise ValueError(f"unknown benchmark group(s) {sorted(unknown)}; known: {[g.name for g in groups]}")
         groups = [g for g in groups if g.name in names]
-    if prototypes:
-        _add_prototypes(groups, num_classes)
     return groups
 
 

@@ -3,11 +3,10 @@
     python -m ipu_norm.bench.micro agc [--model nfnet_f0] [--reps 5]
     python -m ipu_norm.bench.micro pn [--batch 8] [--channels 256] [--size 24] [--reps 20]
 
-`agc`: the clip call alone on a model's real parameter shapes with random gradients, three ways, timed
-interleaved: ipu_norm.optim.agc.adaptive_clip_grad_ (the library: rows of equal length concatenated, one
-reduction per group), timm.utils.adaptive_clip_grad (one norm + where per parameter), and a prototype
-(`agc_per_tensor_views`) that takes per-tensor norms of reshaped *views* (no concatenation copies) and
-applies all factors with one _foreach_mul_. Their results are checked equal before timing.
+`agc`: the clip call alone on a model's real parameter shapes with random gradients, two ways, timed
+interleaved: ipu_norm.optim.agc.adaptive_clip_grad_ (the library: on CPU per-tensor row norms of reshaped
+views, one fused multiply) and timm.utils.adaptive_clip_grad (one norm + where per parameter). Their results
+are checked equal before timing.
 
 `pn`: forward+backward of one norm+activation layer at an activation shape, GN vs GN+PN (the library's
 GroupNormAct), and the two parts of PN's extra cost: the proxy statistics (C x 200 values, independent of
@@ -39,28 +38,6 @@ def _median_ms(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-@torch.no_grad()
-def agc_per_tensor_views(params: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
-    """AGC prototype: per-tensor unit-wise norms on reshaped views (no copies), one fused multiply.
-
-    Same math as ipu_norm.optim.agc.adaptive_clip_grad_ (REFERENCE.md); fewer bytes moved on CPU because
-    it never concatenates weights or gradients. More kernels than the grouped form (matters on GPU).
-    """
-    params = [p for p in params if p.grad is not None]
-    grads = [p.grad for p in params]
-    factors = []
-    for p, g in zip(params, grads):
-        if p.ndim <= 1:
-            w_n, g_n = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-        else:
-            rows = p.shape[0]
-            w_n = torch.linalg.vector_norm(p.view(rows, -1), dim=1).view((rows,) + (1,) * (p.ndim - 1))
-            g_n = torch.linalg.vector_norm(g.view(rows, -1), dim=1).view(w_n.shape)
-        max_n = w_n.clamp_min(eps) * clip_factor
-        factors.append(torch.where(g_n > max_n, max_n / g_n.clamp_min(1e-6), torch.ones_like(g_n)))
-    torch._foreach_mul_(grads, factors)
-
-
 def bench_agc(model_name: str = "nfnet_f0", reps: int = 5, clip_factor: float = 0.01) -> dict[str, float]:
     """Time the three AGC implementations on `model_name`'s parameters (classifier excluded)."""
     from timm.utils import adaptive_clip_grad  # noqa: PLC0415
@@ -76,7 +53,7 @@ def bench_agc(model_name: str = "nfnet_f0", reps: int = 5, clip_factor: float = 
     def with_fresh_grads(fn: Callable[[list[nn.Parameter]], None]) -> Callable[[], None]:
         def call() -> None:
             for p, g in zip(params, grads0):
-                p.grad = g.clone()  # not timed separately: same copy for all three, subtracted below
+                p.grad = g.clone()  # not timed separately: same copy for both, subtracted below
             fn(params)
 
         return call
@@ -84,10 +61,9 @@ def bench_agc(model_name: str = "nfnet_f0", reps: int = 5, clip_factor: float = 
     impls = {
         "ipu_norm adaptive_clip_grad_": lambda ps: adaptive_clip_grad_(ps, clip_factor),
         "timm adaptive_clip_grad": lambda ps: adaptive_clip_grad(ps, clip_factor),
-        "prototype per-tensor views": lambda ps: agc_per_tensor_views(ps, clip_factor),
     }
     results = []
-    for fn in impls.values():  # correctness first: all three clip identically
+    for fn in impls.values():  # correctness first: both clip identically
         with_fresh_grads(fn)()
         results.append([p.grad.clone() for p in params])
     for other in results[1:]:
@@ -135,19 +111,11 @@ def bench_pn(batch: int = 8, channels: int = 256, size: int = 24, reps: int = 20
 
     fns = {"gn": fb(gn), "gn+pn": fb(pn), "proxy stats (fwd+bwd)": stats_only,
            "relu + per-channel affine (fwd+bwd)": extra_affine}
-    if act == "relu":
-        import copy  # noqa: PLC0415
-
-        from ipu_norm.bench.prototypes import relu_fold_proxy_norm  # noqa: PLC0415
-
-        fns["gn+pn relu-fold prototype"] = fb(relu_fold_proxy_norm(copy.deepcopy(pn)))
     ms = _median_ms(fns, reps, warmup=2)
     print(f"one GroupNormAct({channels}, act={act}) on {batch}x{channels}x{size}x{size}, fwd+bwd, median of {reps}:")
     for k, v in ms.items():
         print(f"  {k:38s} {v:8.3f} ms")
     print(f"  PN overhead on this layer: {100 * (ms['gn+pn'] / ms['gn'] - 1):+.1f}%")
-    if "gn+pn relu-fold prototype" in ms:
-        print(f"  with the relu-fold prototype: {100 * (ms['gn+pn relu-fold prototype'] / ms['gn'] - 1):+.1f}%")
     return ms
 
 

@@ -221,8 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="SUBSTR",
                    help="print a torch.profiler table for variants whose name contains SUBSTR")
     p.add_argument("--profile-rows", type=int, default=25)
-    p.add_argument("--prototypes", action="store_true",
-                   help="add rows for the prototype fixes of ipu_norm.bench.prototypes (PN ReLU fold, AGC views)")
     p.add_argument("--json", default=None, help="write all figures (incl. raw step times) to this file")
     return p
 
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gemm_peak_flops": peak,
         "groups": [],
     }
-    for group in build_groups(args.num_classes, args.models, prototypes=args.prototypes):
+    for group in build_groups(args.num_classes, args.models):
         log(f"[{group.name}]")
         result["groups"].append(run_group(group, args, device, log))
     # Peak again at the end, keep the larger: on a shared machine one measurement can land in a busy moment.
