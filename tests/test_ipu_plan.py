@@ -2,22 +2,15 @@
 
 import pytest
 import torch
+from tiny_models import TinyNet as SharedTinyNet
 from torch import nn
 
 from ipu_norm.ipu.plan import ExecutionPlan, PlanError, PrecisionSpec, build_plan
 
 
-class TinyNet(nn.Module):
-    def __init__(self, num_blocks: int = 6) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(num_blocks)]
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-        self.default_cfg = {"train_size": 8, "test_size": 8, "num_classes": 10, "norm": "none", "family": "tiny"}
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
+def TinyNet(num_blocks: int = 6) -> SharedTinyNet:
+    """The shared tiny contract model, 6 blocks by default here."""
+    return SharedTinyNet(num_blocks)
 
 
 def plan(execution: dict, micro: int = 4, global_batch: int | None = None, **kw) -> ExecutionPlan:

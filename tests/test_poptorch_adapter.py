@@ -5,23 +5,11 @@ import types
 
 import pytest
 import torch
+from tiny_models import TinyNet
 from torch import nn
 
 from ipu_norm.ipu import poptorch_adapter as pa
 from ipu_norm.ipu.plan import build_plan
-
-
-class TinyNet(nn.Module):
-    def __init__(self, num_blocks: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(num_blocks)]
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-        self.default_cfg = {"train_size": 8, "test_size": 8, "num_classes": 10, "norm": "none", "family": "tiny"}
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
 
 
 class Recorder:
