@@ -196,6 +196,14 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _choice(section: Any, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    """`key` of the execution section, lower-cased, checked against `allowed` (PlanError names the key)."""
+    value = str(_get(section, key, default)).lower()
+    if value not in allowed:
+        raise PlanError(f"execution.{key}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 def _unit_names(model: nn.Module) -> list[str]:
     for attr in ("stem", "blocks", "head"):
         if not hasattr(model, attr):
@@ -259,9 +267,7 @@ def build_plan(
     Raises:
         PlanError: with a message naming the key to change.
     """
-    device = resolve_device(str(_get(execution, "device", "auto")).lower())
-    if device not in DEVICES:
-        raise PlanError(f"execution.device={device!r} is not one of {', '.join(DEVICES)}")
+    device = resolve_device(_choice(execution, "device", "auto", DEVICES))
     units = _unit_names(model)
 
     mbs = int(micro_batch_size or _get(train, "micro_batch_size", 0) or 0)
@@ -326,9 +332,7 @@ def build_plan(
             f"(or none, to split automatically)"
         )
 
-    schedule = str(_get(execution, "pipeline_schedule", "gpipe")).lower()
-    if schedule not in PIPELINE_SCHEDULES:
-        raise PlanError(f"execution.pipeline_schedule={schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}")
+    schedule = _choice(execution, "pipeline_schedule", "gpipe", PIPELINE_SCHEDULES)
     if training and len(stages) > 1:
         # PopTorch counts 2N-1 pipeline stages when training N IPU stages (each forward stage gets a backward
         # stage; the last ones are fused) and requires gradient accumulation >= that count
@@ -343,9 +347,7 @@ def build_plan(
             )
 
     # Recomputation.
-    recompute = str(_get(execution, "recompute", "none")).lower()
-    if recompute not in RECOMPUTE_MODES:
-        raise PlanError(f"execution.recompute={recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+    recompute = _choice(execution, "recompute", "none", RECOMPUTE_MODES)
     ckpts = [str(c) for c in (_get(execution, "recompute_checkpoints", []) or [])]
     if recompute == "checkpoints" and not ckpts:
         raise PlanError("execution.recompute='checkpoints' needs execution.recompute_checkpoints (e.g. ['blocks.3'])")
