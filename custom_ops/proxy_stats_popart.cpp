@@ -13,6 +13,9 @@
 //
 // Build with the Poplar SDK enabled: make -C custom_ops  (-> custom_ops/build/custom_ops.so), then
 // load it with ctypes.cdll.LoadLibrary before tracing (ipu_norm.ops.proxy_stats_ipu.load_custom_ops).
+// Without the SDK, tests/test_custom_op_cpp.py checks this file with g++ -std=c++14 -fsyntax-only against
+// the public SDK 3.3 popart/poplibs/poprithms headers (where clones of those repositories exist) and always
+// against the stand-in declarations in custom_ops/sdk_decls (Poplar's headers are not public).
 // Both outputs must reach the loss when training (PopART needs the gradient of every output of an op
 // with a grad op); Proxy Norm always uses both.
 #include <cstdint>
@@ -71,7 +74,7 @@ struct ProxyStatsAttrs {
 // ---------------------------------------------------------------------------------------------------
 // IR ops.
 
-// What the forward and the grad op have in common: the attributes (validated once, here), their
+// What the forward and the grad op have in common: the attributes (validated in this one place), their
 // serialisation, and the outlining and subgraph value that depend only on them.
 class ProxyStatsOpBase : public popart::Op {
 public:
@@ -92,9 +95,10 @@ public:
   float getSubgraphValue() const final { return getLowSubgraphValue(); }
 
 protected:
-  ProxyStatsOpBase(const popart::OperatorIdentifier &opid, const ProxyStatsAttrs &attrs,
-                   const popart::Op::Settings &settings)
-      : popart::Op(opid, settings), attrs_(attrs) {
+  // (Parameter names differ from popart::Op's public members opid and settings.)
+  ProxyStatsOpBase(const popart::OperatorIdentifier &opId, const ProxyStatsAttrs &attrs,
+                   const popart::Op::Settings &opSettings)
+      : popart::Op(opId, opSettings), attrs_(attrs) {
     parseActivationOrThrow(attrs_.activation);
     if (attrs_.numQuantiles < 2) {
       throw popart::error("ipu_norm.ProxyStats: num_quantiles must be >= 2, got {}", attrs_.numQuantiles);
@@ -112,9 +116,9 @@ private:
 
 class ProxyStatsOp final : public ProxyStatsOpBase {
 public:
-  ProxyStatsOp(const popart::OperatorIdentifier &opid, const ProxyStatsAttrs &attrs,
-               const popart::Op::Settings &settings)
-      : ProxyStatsOpBase(opid, attrs, settings) {}
+  ProxyStatsOp(const popart::OperatorIdentifier &opId, const ProxyStatsAttrs &attrs,
+               const popart::Op::Settings &opSettings)
+      : ProxyStatsOpBase(opId, attrs, opSettings) {}
 
   std::unique_ptr<popart::Op> clone() const final { return makeUnique<ProxyStatsOp>(*this); }
 
