@@ -14,7 +14,7 @@
 // Build with the Poplar SDK enabled: make -C custom_ops  (-> custom_ops/build/custom_ops.so), then
 // load it with ctypes.cdll.LoadLibrary before tracing (ipu_norm.ops.proxy_stats_ipu.load_custom_ops).
 // Without the SDK, tests/test_custom_op_cpp.py checks this file with g++ -std=c++14 -fsyntax-only against
-// the public SDK 3.3 popart/poplibs/poprithms headers (where clones of those repositories exist) and always
+// the public SDK 3.4.0 popart/poplibs/poprithms headers (where clones of those repositories exist) and always
 // against the stand-in declarations in custom_ops/sdk_decls (Poplar's headers are not public).
 // Both outputs must reach the loss when training (PopART needs the gradient of every output of an op
 // with a grad op); Proxy Norm always uses both.

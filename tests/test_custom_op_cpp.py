@@ -191,7 +191,8 @@ def test_popart_source_registers_the_python_names() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The PopART op source, compiled (g++ -fsyntax-only) against SDK 3.3 declarations: always against the
+# The PopART op source, compiled (g++ -fsyntax-only) against SDK 3.4.0 declarations (the release the
+# PopTorch API conformance work and shared/REFERENCE.md are written against): always against the
 # stand-in declarations in custom_ops/sdk_decls (written for this project), and, where a copy of the
 # public Graphcore headers exists, against the real popart/poplibs/poprithms headers plus the stand-in
 # poplar declarations (Poplar's own headers are not public).
@@ -199,14 +200,29 @@ def test_popart_source_registers_the_python_names() -> None:
 POPART_SRC = CUSTOM_OPS / "proxy_stats_popart.cpp"
 SDK_DECLS = CUSTOM_OPS / "sdk_decls"
 # (repository under github.com/graphcore, its public include dir, a header that must be there, the
-# release tags to use, best first). The public poprithms repository has no 3.3 tag: 3.2.0 is its last
-# public release, and popart 3.3's headers only use its stable inplace/multiout declarations.
+# release tags to use, best first, and (header, text) that only the 3.4 release's headers have, or None).
+# The public poprithms repository has no 3.3 or 3.4 tag: popart 3.4 builds poprithms from its master
+# branch, and the newest commit on any branch of the public poprithms repository is 7396145
+# (2022-10-05), tagged sdk/poplar/3.2.0 (and 3.1.0); popart 3.4's headers compile against it (they use
+# only its inplace/multiout graph declarations). A clone with a later tag listed here gets that one.
 PUBLIC_HEADER_SOURCES = (
-    ("popart", "willow/include", "popart/op.hpp", ("sdk/poplar/3.3.0",)),
-    ("poplibs", "include", "popops/ElementWise.hpp", ("sdk/poplar/3.3.0",)),
+    ("popart", "willow/include", "popart/op.hpp", ("sdk/poplar/3.4.0",),
+     ("popart/op.hpp", "inputUnmodifiableFor(")),  # added in 3.4 (with popart/alias/aliasmodelgrower.hpp)
+    ("poplibs", "include", "popops/ElementWise.hpp", ("sdk/poplar/3.4.0",),
+     ("popops/HostSliceTensor.hpp", "const size_t offset,")),  # the createHostSliceableTensor overload of 3.4
     ("poprithms", "poprithms/poprithms/include", "poprithms/memory/inplace/proposal.hpp",
-     ("sdk/poplar/3.3.0", "sdk/poplar/3.2.0")),
+     ("sdk/poplar/3.4.0", "sdk/poplar/3.3.0", "sdk/poplar/3.2.0"), None),
 )
+
+
+def _is_release(dirs: Sequence[Path], marker: tuple[str, str] | None) -> bool:
+    """Whether the header `marker[0]` in one of dirs contains `marker[1]` (True when there is no marker)."""
+    if marker is None:
+        return True
+    header, text = marker
+    return any((d / header).is_file() and text in (d / header).read_text() for d in dirs)
+
+
 # Where git clones (plain `git clone`, or this workspace's mirrors <owner>+<name>/repo) are looked for.
 GRAPHCORE_SRC_DEFAULT = "/work/.mirror"
 
@@ -238,7 +254,7 @@ def _extract_public_headers(root: Path, dest: Path) -> tuple[list[Path], list[st
     if shutil.which("git") is None:
         pytest.skip("git not found (needed to extract the public popart/poplibs/poprithms headers)")
     dirs, used = [], []
-    for name, inc, probe, tags in PUBLIC_HEADER_SOURCES:
+    for name, inc, probe, tags, marker in PUBLIC_HEADER_SOURCES:
         gitdir = _git_dir(root, name)
         if gitdir is None:
             pytest.skip(f"no git clone of graphcore/{name} under {root} (looked for {root}/graphcore+{name}/repo "
@@ -254,6 +270,7 @@ def _extract_public_headers(root: Path, dest: Path) -> tuple[list[Path], list[st
         assert archive.returncode == 0, archive.stderr.decode()
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
         assert (out / inc / probe).is_file(), f"{probe} not in graphcore/{name}:{inc} at {tag}"
+        assert _is_release([out / inc], marker), f"graphcore/{name} at {tag}: {marker} not found (not SDK 3.4)"
         dirs.append(out / inc)
         used.append(f"graphcore/{name}@{tag}")
     return dirs, used
@@ -271,8 +288,10 @@ def real_sdk_headers(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Pat
     explicit = os.environ.get("IPU_NORM_POPART_INCLUDE")
     if explicit:
         dirs = [Path(d) for d in explicit.split(os.pathsep) if d]
-        for _, _, probe, _ in PUBLIC_HEADER_SOURCES:
+        for name, _, probe, _, marker in PUBLIC_HEADER_SOURCES:
             assert any((d / probe).is_file() for d in dirs), f"IPU_NORM_POPART_INCLUDE={explicit}: no {probe}"
+            assert _is_release(dirs, marker), (f"IPU_NORM_POPART_INCLUDE={explicit}: {name} headers are not "
+                                               f"SDK 3.4 ({marker[1]!r} not in {marker[0]})")
     else:
         root = Path(os.environ.get("IPU_NORM_GRAPHCORE_SRC", GRAPHCORE_SRC_DEFAULT))
         dirs, _ = _extract_public_headers(root, tmp_path_factory.mktemp("graphcore_headers"))
