@@ -13,6 +13,9 @@
 //
 // Build with the Poplar SDK enabled: make -C custom_ops  (-> custom_ops/build/custom_ops.so), then
 // load it with ctypes.cdll.LoadLibrary before tracing (ipu_norm.ops.proxy_stats_ipu.load_custom_ops).
+// Without the SDK, tests/test_custom_op_cpp.py checks this file with g++ -std=c++14 -fsyntax-only against
+// the public SDK 3.4.0 popart/poplibs/poprithms headers (where clones of those repositories exist) and always
+// against the stand-in declarations in custom_ops/sdk_decls (Poplar's headers are not public).
 // Both outputs must reach the loss when training (PopART needs the gradient of every output of an op
 // with a grad op); Proxy Norm always uses both.
 #include <cstdint>
@@ -66,28 +69,56 @@ ipu_norm::ProxyAct parseActivationOrThrow(const std::string &name) {
 struct ProxyStatsAttrs {
   std::string activation;
   int64_t numQuantiles;
-
-  void append(popart::OpSerialiserBase &os) const {
-    os.appendAttribute("activation", activation);
-    os.appendAttribute("num_quantiles", numQuantiles);
-  }
 };
-
-class ProxyStatsGradOp;
 
 // ---------------------------------------------------------------------------------------------------
 // IR ops.
 
-class ProxyStatsOp : public popart::Op {
+// What the forward and the grad op have in common: the attributes (validated in this one place), their
+// serialisation, and the outlining and subgraph value that depend only on them.
+class ProxyStatsOpBase : public popart::Op {
 public:
-  ProxyStatsOp(const popart::OperatorIdentifier &opid, const ProxyStatsAttrs &attrs,
-               const popart::Op::Settings &settings)
-      : popart::Op(opid, settings), attrs_(attrs) {
+  const ProxyStatsAttrs &attrs() const { return attrs_; }
+
+  void appendAttributes(popart::OpSerialiserBase &os) const final {
+    popart::Op::appendAttributes(os);
+    appendProxyStatsAttributes(os);
+  }
+
+  // Ops with different attributes must not be outlined into one subgraph.
+  void appendOutlineAttributes(popart::OpSerialiserBase &os) const final {
+    popart::Op::appendOutlineAttributes(os);
+    appendProxyStatsAttributes(os);
+  }
+
+  // The outliner's "inexpensive op" bound (as for element-wise ops): C x n element-wise work.
+  float getSubgraphValue() const final { return getLowSubgraphValue(); }
+
+protected:
+  // (Parameter names differ from popart::Op's public members opid and settings.)
+  ProxyStatsOpBase(const popart::OperatorIdentifier &opId, const ProxyStatsAttrs &attrs,
+                   const popart::Op::Settings &opSettings)
+      : popart::Op(opId, opSettings), attrs_(attrs) {
     parseActivationOrThrow(attrs_.activation);
     if (attrs_.numQuantiles < 2) {
       throw popart::error("ipu_norm.ProxyStats: num_quantiles must be >= 2, got {}", attrs_.numQuantiles);
     }
   }
+
+private:
+  void appendProxyStatsAttributes(popart::OpSerialiserBase &os) const {
+    os.appendAttribute("activation", attrs_.activation);
+    os.appendAttribute("num_quantiles", attrs_.numQuantiles);
+  }
+
+  ProxyStatsAttrs attrs_;
+};
+
+class ProxyStatsOp final : public ProxyStatsOpBase {
+public:
+  ProxyStatsOp(const popart::OperatorIdentifier &opId, const ProxyStatsAttrs &attrs,
+               const popart::Op::Settings &opSettings)
+      : ProxyStatsOpBase(opId, attrs, opSettings) {}
 
   std::unique_ptr<popart::Op> clone() const final { return makeUnique<ProxyStatsOp>(*this); }
 
@@ -108,32 +139,14 @@ public:
   }
 
   std::vector<std::unique_ptr<popart::Op>> getGradOps() final;
-
-  void appendAttributes(popart::OpSerialiserBase &os) const override {
-    popart::Op::appendAttributes(os);
-    attrs_.append(os);
-  }
-
-  // Ops with different attributes must not be outlined into one subgraph.
-  void appendOutlineAttributes(popart::OpSerialiserBase &os) const override {
-    popart::Op::appendOutlineAttributes(os);
-    attrs_.append(os);
-  }
-
-  float getSubgraphValue() const final { return getLowSubgraphValue(); }
-
-  const ProxyStatsAttrs &attrs() const { return attrs_; }
-
-private:
-  ProxyStatsAttrs attrs_;
 };
 
 // Inputs: 0 d mean, 1 d var (gradients of the forward outputs), 2..5 gamma, beta, proxy_gamma,
 // proxy_beta (forward inputs). Outputs 0..3: gradients of the forward inputs 0..3.
-class ProxyStatsGradOp : public popart::Op {
+class ProxyStatsGradOp final : public ProxyStatsOpBase {
 public:
   explicit ProxyStatsGradOp(const ProxyStatsOp &fwd)
-      : popart::Op(kProxyStatsGrad, fwd.getSettings()), attrs_(fwd.attrs()), paramInfo_(fwd.inInfo(0)) {}
+      : ProxyStatsOpBase(kProxyStatsGrad, fwd.attrs(), fwd.getSettings()), paramInfo_(fwd.inInfo(0)) {}
 
   std::unique_ptr<popart::Op> clone() const final { return makeUnique<ProxyStatsGradOp>(*this); }
 
@@ -156,22 +169,7 @@ public:
     return info;
   }
 
-  void appendAttributes(popart::OpSerialiserBase &os) const override {
-    popart::Op::appendAttributes(os);
-    attrs_.append(os);
-  }
-
-  void appendOutlineAttributes(popart::OpSerialiserBase &os) const override {
-    popart::Op::appendOutlineAttributes(os);
-    attrs_.append(os);
-  }
-
-  float getSubgraphValue() const final { return getLowSubgraphValue(); }
-
-  const ProxyStatsAttrs &attrs() const { return attrs_; }
-
 private:
-  ProxyStatsAttrs attrs_;
   popart::TensorInfo paramInfo_;
 };
 

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,155 @@ def test_popart_source_registers_the_python_names() -> None:
     header = (CUSTOM_OPS / "proxy_stats_kernel.hpp").read_text()
     assert '{"relu", "silu", "gelu", "identity"}' in header and PROXY_ACTS == ("relu", "silu", "gelu", "identity")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The PopART op source, compiled (g++ -fsyntax-only) against SDK 3.4.0 declarations (the release the
+# PopTorch API conformance work and shared/REFERENCE.md are written against): always against the
+# stand-in declarations in custom_ops/sdk_decls (written for this project), and, where a copy of the
+# public Graphcore headers exists, against the real popart/poplibs/poprithms headers plus the stand-in
+# poplar declarations (Poplar's own headers are not public).
+
+POPART_SRC = CUSTOM_OPS / "proxy_stats_popart.cpp"
+SDK_DECLS = CUSTOM_OPS / "sdk_decls"
+# (repository under github.com/graphcore, its public include dir, a header that must be there, the
+# release tags to use, best first, and (header, text) that only the 3.4 release's headers have, or None).
+# The public poprithms repository has no 3.3 or 3.4 tag: popart 3.4 builds poprithms from its master
+# branch, and the newest commit on any branch of the public poprithms repository is 7396145
+# (2022-10-05), tagged sdk/poplar/3.2.0 (and 3.1.0); popart 3.4's headers compile against it (they use
+# only its inplace/multiout graph declarations). A clone with a later tag listed here gets that one.
+PUBLIC_HEADER_SOURCES = (
+    ("popart", "willow/include", "popart/op.hpp", ("sdk/poplar/3.4.0",),
+     ("popart/op.hpp", "inputUnmodifiableFor(")),  # added in 3.4 (with popart/alias/aliasmodelgrower.hpp)
+    ("poplibs", "include", "popops/ElementWise.hpp", ("sdk/poplar/3.4.0",),
+     ("popops/HostSliceTensor.hpp", "const size_t offset,")),  # the createHostSliceableTensor overload of 3.4
+    ("poprithms", "poprithms/poprithms/include", "poprithms/memory/inplace/proposal.hpp",
+     ("sdk/poplar/3.4.0", "sdk/poplar/3.3.0", "sdk/poplar/3.2.0"), None),
+)
+
+
+def _is_release(dirs: Sequence[Path], marker: tuple[str, str] | None) -> bool:
+    """Whether the header `marker[0]` in one of dirs contains `marker[1]` (True when there is no marker)."""
+    if marker is None:
+        return True
+    header, text = marker
+    return any((d / header).is_file() and text in (d / header).read_text() for d in dirs)
+
+
+# Where git clones (plain `git clone`, or this workspace's mirrors <owner>+<name>/repo) are looked for.
+GRAPHCORE_SRC_DEFAULT = "/work/.mirror"
+
+
+def _syntax_check(src: Path, includes: Sequence[Path],
+                  system_includes: Sequence[Path] = ()) -> subprocess.CompletedProcess:
+    """g++ -fsyntax-only on one PopART op source with exactly these include dirs (no CPATH)."""
+    cmd = [CXX, "-std=c++14", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+           "-DONNX_NAMESPACE=onnx",  # as the Makefile and popart's own build define it
+           "-iquote", str(CUSTOM_OPS)]
+    for d in system_includes:  # the Graphcore headers: their own warnings are not ours to fix
+        cmd += ["-isystem", str(d)]
+    for d in includes:
+        cmd += ["-I", str(d)]
+    env = {k: v for k, v in os.environ.items() if k not in ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH")}
+    return subprocess.run(cmd + [str(src)], capture_output=True, text=True, env=env)
+
+
+def _git_dir(root: Path, name: str) -> Path | None:
+    for cand in (root / f"graphcore+{name}" / "repo", root / name):
+        if cand.is_dir() and subprocess.run(["git", "-C", str(cand), "rev-parse", "--git-dir"],
+                                            capture_output=True).returncode == 0:
+            return cand
+    return None
+
+
+def _extract_public_headers(root: Path, dest: Path) -> tuple[list[Path], list[str]]:
+    """`git archive` each repository's include dir at its release tag into dest; skip if one is missing."""
+    if shutil.which("git") is None:
+        pytest.skip("git not found (needed to extract the public popart/poplibs/poprithms headers)")
+    dirs, used = [], []
+    for name, inc, probe, tags, marker in PUBLIC_HEADER_SOURCES:
+        gitdir = _git_dir(root, name)
+        if gitdir is None:
+            pytest.skip(f"no git clone of graphcore/{name} under {root} (looked for {root}/graphcore+{name}/repo "
+                        f"and {root}/{name}); set IPU_NORM_GRAPHCORE_SRC to a directory holding clones of "
+                        "graphcore/popart, poplibs and poprithms, or IPU_NORM_POPART_INCLUDE to their include dirs")
+        tag = next((t for t in tags if subprocess.run(["git", "-C", str(gitdir), "rev-parse", "--verify", "-q",
+                                                       f"refs/tags/{t}"], capture_output=True).returncode == 0), None)
+        if tag is None:
+            pytest.skip(f"graphcore/{name} at {gitdir} has none of the tags {tags}")
+        out = dest / name
+        out.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(gitdir), "archive", tag, inc], capture_output=True)
+        assert archive.returncode == 0, archive.stderr.decode()
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+        assert (out / inc / probe).is_file(), f"{probe} not in graphcore/{name}:{inc} at {tag}"
+        assert _is_release([out / inc], marker), f"graphcore/{name} at {tag}: {marker} not found (not SDK 3.4)"
+        dirs.append(out / inc)
+        used.append(f"graphcore/{name}@{tag}")
+    return dirs, used
+
+
+@pytest.fixture(scope="module")
+def real_sdk_headers(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[Path]]:
+    """(system include dirs of the real headers, our include dirs to add), or skip saying what is missing.
+
+    IPU_NORM_POPART_INCLUDE (os.pathsep-separated) names include dirs that together hold popart/, popops/,
+    poputil/ and poprithms/ (an SDK's include dir, or extracted sources); otherwise the headers are
+    extracted from git clones under IPU_NORM_GRAPHCORE_SRC (default /work/.mirror). The stand-in poplar
+    declarations are added only where no real poplar/Tensor.hpp is among those dirs.
+    """
+    explicit = os.environ.get("IPU_NORM_POPART_INCLUDE")
+    if explicit:
+        dirs = [Path(d) for d in explicit.split(os.pathsep) if d]
+        for name, _, probe, _, marker in PUBLIC_HEADER_SOURCES:
+            assert any((d / probe).is_file() for d in dirs), f"IPU_NORM_POPART_INCLUDE={explicit}: no {probe}"
+            assert _is_release(dirs, marker), (f"IPU_NORM_POPART_INCLUDE={explicit}: {name} headers are not "
+                                               f"SDK 3.4 ({marker[1]!r} not in {marker[0]})")
+    else:
+        root = Path(os.environ.get("IPU_NORM_GRAPHCORE_SRC", GRAPHCORE_SRC_DEFAULT))
+        dirs, _ = _extract_public_headers(root, tmp_path_factory.mktemp("graphcore_headers"))
+    ours = [] if any((d / "poplar" / "Tensor.hpp").is_file() for d in dirs) else [SDK_DECLS]
+    return dirs, ours
+
+
+@needs_cxx
+def test_popart_op_compiles_against_standin_declarations() -> None:
+    res = _syntax_check(POPART_SRC, [SDK_DECLS / "standin", SDK_DECLS])
+    assert res.returncode == 0, res.stderr
+
+
+@needs_cxx
+def test_popart_op_compiles_against_real_popart_headers(real_sdk_headers: tuple[list[Path], list[Path]]) -> None:
+    system, ours = real_sdk_headers
+    res = _syntax_check(POPART_SRC, ours, system)
+    assert res.returncode == 0, res.stderr
+
+
+# Source edits that the real API rejects (a checker that accepts them checks nothing): grow must be a
+# const override, gradOutToNonGradIn returns a const reference, a reduction scale is a tensor.
+_BREAKING_EDITS = (
+    ("void grow(poplar::program::Sequence &prog) const final {", "void grow(poplar::program::Sequence &prog) final {"),
+    ("const std::map<int, int> &gradOutToNonGradIn() const final {",
+     "std::map<int, int> gradOutToNonGradIn() const final {"),
+    ("{popops::Operation::ADD, false, t.invN}", "{popops::Operation::ADD, 0.5f}"),
+)
+
+
+@needs_cxx
+@pytest.mark.parametrize("headers", ["standin", "real"])
+@pytest.mark.parametrize("edit", range(len(_BREAKING_EDITS)))
+def test_popart_syntax_check_rejects_api_misuse(headers: str, edit: int, tmp_path: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    old, new = _BREAKING_EDITS[edit]
+    src = POPART_SRC.read_text()
+    assert src.count(old) >= 1, f"the op source no longer contains {old!r}: update _BREAKING_EDITS"
+    broken = tmp_path / POPART_SRC.name
+    broken.write_text(src.replace(old, new))
+    if headers == "standin":
+        res = _syntax_check(broken, [SDK_DECLS / "standin", SDK_DECLS])
+    else:
+        system, ours = request.getfixturevalue("real_sdk_headers")
+        res = _syntax_check(broken, ours, system)
+    assert res.returncode != 0 and "error" in res.stderr, res.stderr
 
 # ----------------------------------------------------------------------------------------------------------
 # IPU Model (needs the Poplar SDK; skipped here by conftest without poptorch).
