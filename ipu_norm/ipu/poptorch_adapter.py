@@ -216,6 +216,30 @@ def apply_option_calls(opts: Any, calls: Iterable[OptionCall], poptorch: Any) ->
     return opts
 
 
+def format_value(value: Any) -> str:
+    """Python source for an option-call argument: `Ref` / `Build` as ``poptorch.`` expressions, dtypes as
+    ``torch.<name>``, everything else as its repr (used by the dry run to print the exact calls)."""
+    if isinstance(value, Ref):
+        return f"poptorch.{value.path}"
+    if isinstance(value, Build):
+        chain = "".join(f".{m}({', '.join(format_value(a) for a in margs)})" for m, margs in value.chain)
+        return f"poptorch.{value.cls}({', '.join(format_value(a) for a in value.args)}){chain}"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {format_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(format_value(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
+def format_option_call(call: OptionCall, opts: str = "opts") -> str:
+    """One option call as the Python line it stands for, e.g. ``opts.Training.gradientAccumulation(4)``."""
+    parts = [format_value(a) for a in call.args] + [f"{k}={format_value(v)}" for k, v in call.kwargs.items()]
+    return f"{opts}.{call.path}({', '.join(parts)})"
+
+
 def create_options(plan: ExecutionPlan, *, for_inference: bool = False, poptorch: Any = None,
                    popdist_module: Any = None) -> Any:
     """A configured ``poptorch.Options`` (or ``popdist.poptorch.Options`` under poprun) for `plan`."""
