@@ -36,6 +36,7 @@ class Call:
     name: str
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    owner: Any = None  # the stand-in object whose method was called (None for functions and constructors)
 
 
 _SIGNATURES: dict[str, inspect.Signature] = {}
@@ -174,10 +175,10 @@ class StandIn:
         """Recorded calls of one table name (a suffix such as 'gradientAccumulation' also matches)."""
         return [c for c in self.log if c.name == name or c.name.endswith("." + name)]
 
-    def invoke(self, name: str, args: tuple, kwargs: dict, target: Any = None) -> Any:
+    def invoke(self, name: str, args: tuple, kwargs: dict, target: Any = None, owner: Any = None) -> Any:
         """Validate, record and run one call (the implementation, or `target`'s method of the same name)."""
         check_call(name, args, kwargs)
-        self.log.append(Call(name, args, dict(kwargs)))
+        self.log.append(Call(name, args, dict(kwargs), owner))
         member = name.rsplit(".", 1)[-1]
         if name in self.impl:
             result = self.impl[name](*args, **kwargs)
@@ -285,7 +286,7 @@ class Instance:
         name = self._member("__call__")
         target = self._target
         check_call(name, args, kwargs)
-        self._standin.log.append(Call(name, args, dict(kwargs)))
+        self._standin.log.append(Call(name, args, dict(kwargs), self))
         return target(*args, **kwargs) if target is not None else None
 
     def __repr__(self) -> str:
@@ -294,7 +295,7 @@ class Instance:
 
 def _bound_method(name: str) -> Callable[..., Any]:
     def method(self: Instance, *args: Any, **kwargs: Any) -> Any:
-        result = self._standin.invoke(name, args, kwargs, target=self._target)
+        result = self._standin.invoke(name, args, kwargs, target=self._target, owner=self)
         returns = API[name].returns
         if returns == "self":
             return self
