@@ -216,6 +216,7 @@ SELF_ROOTS = {"poptorch": "poptorch", "_poptorch": "poptorch"}
 OPTIMIZERS = ("poptorch.optim.SGD", "poptorch.optim.RMSprop", "poptorch.optim.AdamW")
 RECEIVERS = {
     "self.train_model": ("poptorch.PoplarExecutor",),
+    "backend.train_model": ("poptorch.PoplarExecutor",),
     "executor": ("poptorch.PoplarExecutor",),
     "e": ("poptorch.PoplarExecutor",),
     "self.ipu_optimizer": OPTIMIZERS,
@@ -375,6 +376,7 @@ def test_static_scan_of_ipu_sources() -> None:
         "poptorch.options._PopartOptions.set", "poptorch.ReductionType.Mean", "poptorch.TensorLocationSettings",
         "poptorch.TensorLocationSettings.useReplicatedTensorSharding", "poptorch.PoplarExecutor.copyWeightsToHost",
         "poptorch.PoplarExecutor.detachFromDevice", "poptorch.optim.Optimizer.state_dict",
+        "poptorch.PoplarExecutor.compile",
     } <= used
 
 
