@@ -11,8 +11,10 @@ Two layers, so that the translation is testable without the SDK:
 
 poptorch is imported lazily (`import_poptorch`): it is not on PyPI; it ships as a wheel in Graphcore's Poplar SDK.
 
-PopTorch / PopDist names used here, checked against the graphcore/poptorch sources (SDK 3.x tree: python/options.py,
-python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphcore's examples for popdist:
+PopTorch / PopDist names used here, written against Poplar SDK 3.4.0 (graphcore/poptorch tag sdk/poptorch/3.4.0:
+python/options.py, python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphcore's examples for
+popdist. tests/poptorch_api_sdk34.py holds their signatures; tests/test_poptorch_api.py checks every call made here
+against it (run-time on a table-generated stand-in, and an AST scan), so add a new call's signature there too:
 
 - python/options.py, class Options: ``replicationFactor``, ``deviceIterations``, ``autoRoundNumIPUs``,
   ``outputMode(OutputMode)``, ``setAvailableMemoryProportion({"IPU0": p, ...})`` (keys must start with "IPU"),
@@ -44,8 +46,8 @@ python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphco
   (enforced in ipu_norm/ipu/plan.py and `option_calls`).
 - popdist (Graphcore examples, e.g. vision/cnns/pytorch utils): ``popdist.isPopdistEnvSet()``, ``popdist.init()``,
   ``popdist.getNumTotalReplicas()``, ``popdist.getNumLocalReplicas()``, ``popdist.getInstanceIndex()``,
-  ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (which refuses
-  ``replicationFactor``: poprun owns the replica count). poprun exports POPDIST_NUM_TOTAL_REPLICAS,
+  ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (poprun owns the replica count, so
+  ``replicationFactor`` is not called on it). poprun exports POPDIST_NUM_TOTAL_REPLICAS,
   POPDIST_NUM_IPUS_PER_REPLICA, POPDIST_NUM_LOCAL_REPLICAS, ... and OpenMPI's OMPI_COMM_WORLD_* variables.
 """
 
