@@ -129,7 +129,9 @@ def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
         f"{accum * local_replicas * iters} micro-batches ({per_call} images) and PopTorch splits them across "
         "replicas, accumulation and device iterations (poptorch.DataLoader is not used by the trainer)")
     out(f"batch: micro {micro} x accumulation {accum} x replicas {plan.replicas} x device iterations {iters} = "
-        f"{micro * accum * plan.replicas * iters} samples per host call ({iters} optimizer step(s)); global batch "
+        f"{micro * accum * plan.replicas * iters} samples per host call"
+        + (f" over all {instances} instances (this one: {per_call})" if instances > 1 else "")
+        + f" ({iters} optimizer step(s)); global batch "
         f"(per optimizer step) = {micro} x {accum} x {plan.replicas} = {plan.global_batch_size}")
     if ex.executable_cache_dir:
         out(f"executable cache: {ex.executable_cache_dir}")
