@@ -117,3 +117,15 @@ def test_dry_run_cli_subprocess_with_memory_estimate(path: Path) -> None:
                            "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "memory estimate: fits" in proc.stdout and "opts.Training.gradientAccumulation(" in proc.stdout
+
+
+def test_dry_run_under_poprun(no_sdk: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Under poprun the options come from popdist (no replicationFactor) and each instance gets its share."""
+    monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "8")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    path = ROOT / "configs" / "ipu_effnet_b0_proxy_pod16.yml"
+    assert run_train.main(["--config", str(path), "--dry-run", *NO_MEMORY]) == 0
+    out = capsys.readouterr().out
+    assert "opts = popdist.poptorch.Options(ipus_per_replica=2)" in out and "replicationFactor" not in out
+    assert "768 samples per host call over all 2 instances (this one: 384)" in out
