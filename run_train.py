@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    if args.dry_run:
+        from ipu_norm.ipu.dry_run import dry_run
+
+        return dry_run(cfg)
     from ipu_norm.train.checkpoint import CheckpointError
     from ipu_norm.train.trainer import train
 

@@ -1,86 +1,16 @@
-"""PopTorch adapter: pure option/optimizer translation, applied to a recorder; real-poptorch tests marked `ipu`."""
+"""PopTorch adapter: pure option/optimizer translation, applied to the SDK 3.4 table-generated stand-in
+(tests/poptorch_standin.py, which refuses calls the real API would refuse); real-poptorch tests marked `ipu`."""
 
-import enum
 import types
 
 import pytest
 import torch
+from poptorch_standin import StandIn, standin_with_executors
 from tiny_models import TinyNet
 from torch import nn
 
 from ipu_norm.ipu import poptorch_adapter as pa
 from ipu_norm.ipu.plan import build_plan
-
-
-class Recorder:
-    """Stands in for poptorch.Options (and its sub-objects): records every dotted call, returns itself."""
-
-    def __init__(self, log: list, path: str = "") -> None:
-        self._log, self._path = log, path
-
-    def __getattr__(self, name: str) -> "Recorder":
-        return Recorder(self._log, f"{self._path}.{name}" if self._path else name)
-
-    def __call__(self, *args, **kwargs) -> "Recorder":
-        self._log.append((self._path, args, kwargs))
-        return self
-
-
-class FakeEnum(enum.IntEnum):
-    Mean = 1
-    All = 2
-    AutoIncrement = 11
-    Async = 21
-
-
-def fake_poptorch(log: list) -> types.SimpleNamespace:
-    """A poptorch stand-in with the attributes the adapter resolves; constructors record their arguments."""
-
-    class TensorLocationSettings:
-        def __init__(self) -> None:
-            self.settings: dict = {}
-
-        def useOnChipStorage(self, use=True):  # noqa: N802 (poptorch's name)
-            self.settings["onChip"] = use
-            return self
-
-        def useReplicatedTensorSharding(self, use=True):  # noqa: N802
-            self.settings["rts"] = use
-            return self
-
-    def begin_block(module, user_id=None, ipu_id=None):
-        log.append(("BeginBlock", module, user_id, ipu_id))
-        return module
-
-    def checkpoint(*tensors):
-        log.append(("recomputationCheckpoint", tuple(t.shape for t in tensors)))
-        return tensors[0] if len(tensors) == 1 else tensors
-
-    def identity_loss(x, reduction):
-        log.append(("identity_loss", reduction))
-        return x
-
-    def optim_cls(name):
-        def make(params, **kw):
-            log.append((f"optim.{name}", kw))
-            return (name, list(params), kw)
-
-        return make
-
-    return types.SimpleNamespace(
-        Options=lambda: Recorder(log),
-        ReductionType=types.SimpleNamespace(Mean=FakeEnum.Mean),
-        OutputMode=types.SimpleNamespace(All=FakeEnum.All),
-        AutoStage=types.SimpleNamespace(AutoIncrement=FakeEnum.AutoIncrement),
-        DataLoaderMode=types.SimpleNamespace(Async=FakeEnum.Async),
-        PipelinedExecution=lambda *a: ("PipelinedExecution", a),
-        TensorLocationSettings=TensorLocationSettings,
-        BeginBlock=begin_block,
-        recomputationCheckpoint=checkpoint,
-        identity_loss=identity_loss,
-        optim=types.SimpleNamespace(SGD=optim_cls("SGD"), RMSprop=optim_cls("RMSprop"), AdamW=optim_cls("AdamW")),
-        DataLoader=lambda *a, **kw: ("DataLoader", a, kw),
-    )
 
 
 def make_plan(**execution):
@@ -138,36 +68,29 @@ def test_option_calls_single_ipu_fp32_inference_popdist() -> None:
 
 
 def test_apply_resolves_refs_and_builds() -> None:
-    log: list = []
-    fake = fake_poptorch(log)
-    pa.apply_option_calls(fake.Options(), pa.option_calls(make_plan()), fake)
-    rec = {path: args for path, args, _ in log}
-    assert rec["Training.accumulationAndReplicationReductionType"] == (FakeEnum.Mean,)
-    assert rec["setExecutionStrategy"] == (("PipelinedExecution", (FakeEnum.AutoIncrement,)),)
-    (loc,) = rec["TensorLocations.setOptimizerLocation"]
-    assert loc.settings == {"onChip": False, "rts": True}
+    s = StandIn()
+    pt = s.poptorch
+    pa.apply_option_calls(pt.Options(), pa.option_calls(make_plan()), pt)
+    rec = {c.name.rsplit(".", 1)[-1]: c.args for c in s.log}
+    assert rec["accumulationAndReplicationReductionType"] == (pt.ReductionType.Mean,)
+    assert rec["PipelinedExecution"] == (pt.AutoStage.AutoIncrement,)
+    assert rec["useOnChipStorage"] == (False,) and rec["useReplicatedTensorSharding"] == (True,)
+    (loc,) = rec["setOptimizerLocation"]
+    assert s.log[s.names().index("poptorch.TensorLocationSettings.useOnChipStorage")].owner is loc
     assert rec["setAvailableMemoryProportion"] == ({"IPU0": 0.3, "IPU1": 0.5},)
 
 
 def test_create_options_under_poprun(monkeypatch: pytest.MonkeyPatch) -> None:
-    log: list = []
-    fake = fake_poptorch(log)
-    inits = []
-    popdist = types.SimpleNamespace(
-        init=lambda: inits.append(1),
-        getNumTotalReplicas=lambda: 4,
-        poptorch=types.SimpleNamespace(Options=lambda ipus_per_replica: log.append(("popdist.Options",
-                                                                                    ipus_per_replica)) or
-                                       Recorder(log)),
-    )
+    s = standin_with_executors(micro=2, popdist_replicas=4)
     monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "4")
     monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "2")
-    pa.create_options(make_plan(), poptorch=fake, popdist_module=popdist)
-    assert inits == [1] and ("popdist.Options", 2) in log
-    assert not any(entry[0] == "replicationFactor" for entry in log)
-    bad = types.SimpleNamespace(**{**vars(popdist), "getNumTotalReplicas": lambda: 8})
+    pa.create_options(make_plan(), poptorch=s.poptorch, popdist_module=s.popdist)
+    assert s.names()[:3] == ["popdist.init", "popdist.getNumTotalReplicas", "popdist.poptorch.Options"]
+    assert s.calls("popdist.poptorch.Options")[0].kwargs == {"ipus_per_replica": 2}
+    assert not s.calls("replicationFactor")
+    bad = standin_with_executors(micro=2, popdist_replicas=8)
     with pytest.raises(ValueError, match="poprun runs 8 replicas but execution.replicas=4"):
-        pa.create_options(make_plan(), poptorch=fake, popdist_module=bad)
+        pa.create_options(make_plan(), poptorch=bad.poptorch, popdist_module=bad.popdist)
 
 
 def test_poprun_detection() -> None:
@@ -177,69 +100,57 @@ def test_poprun_detection() -> None:
 
 
 def test_annotate_model_blocks_and_checkpoints() -> None:
-    log: list = []
-    fake = fake_poptorch(log)
+    s = StandIn()
     model = TinyNet()
     plan = make_plan()
-    handles = pa.annotate_model(model, plan, fake)
-    blocks = [e for e in log if e[0] == "BeginBlock"]
-    assert [(m, uid, ipu) for _, m, uid, ipu in blocks] == [(model.stem, "stage0", 0), (model.blocks[2], "stage1", 1)]
+    handles = pa.annotate_model(model, plan, s.poptorch)
+    blocks = [c.args for c in s.calls("poptorch.BeginBlock")]
+    assert blocks == [(model.stem, "stage0", 0), (model.blocks[2], "stage1", 1)]
     # blocks.1 ends stage 0 (its output is the stage output): no checkpoint there; blocks.0 and blocks.3 get one.
     assert len(handles) == 2
-    log.clear()
+    s.log.clear()
     model(torch.randn(1, 3, 8, 8))
-    assert [e for e in log if e[0] == "recomputationCheckpoint"] == [("recomputationCheckpoint", ((1, 4, 8, 8),))] * 2
+    checkpoints = s.calls("poptorch.recomputationCheckpoint")
+    assert [tuple(t.shape for t in c.args) for c in checkpoints] == [((1, 4, 8, 8),)] * 2
 
 
 def test_training_wrapper_and_precision_cast() -> None:
-    log: list = []
-    fake = fake_poptorch(log)
+    s = StandIn()
     model = TinyNet()
-    wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=fake)
+    wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=s.poptorch)
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
     loss = wrapped(x, y)
     assert torch.allclose(loss, nn.functional.cross_entropy(model(x), y))
     wrapped.return_logits = True
     assert torch.allclose(wrapped(x, y)[1], model(x))
     assert pa.InferenceModel(model)(x).dtype == torch.float32
-    assert ("identity_loss", "mean") in log
+    assert s.calls("poptorch.identity_loss")[0].kwargs == {"reduction": "mean"}
     plan = make_plan()
     pa.cast_model_for_precision(model, plan)
     assert next(model.parameters()).dtype == torch.float16
-
-
-# Parameter names of the SDK 3.x poptorch.optim constructors (python/optim.py) that the adapter may pass.
-POPTORCH_OPTIM_PARAMS = {
-    "SGD": {"lr", "momentum", "dampening", "weight_decay", "nesterov", "loss_scaling", "velocity_scaling",
-            "use_combined_accum", "accum_type", "velocity_accum_type", "max_grad_norm"},
-    "RMSprop": {"lr", "alpha", "eps", "weight_decay", "momentum", "centered", "loss_scaling", "accum_type",
-                "first_order_momentum_accum_type", "second_order_momentum_accum_type", "use_tf_variant"},
-    "AdamW": {"lr", "betas", "eps", "weight_decay", "amsgrad", "loss_scaling", "bias_correction", "accum_type",
-              "first_order_momentum_accum_type", "second_order_momentum_accum_type", "max_grad_norm"},
-}
 
 
 @pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw"])
 def test_optimizer_spec(name: str) -> None:
     plan = make_plan()
     cls, kw = pa.optimizer_spec(name, {"lr": 0.1, "weight_decay": 1e-5, "momentum": 0.9, "nesterov": True}, plan)
-    assert set(kw) <= POPTORCH_OPTIM_PARAMS[cls]
     assert kw["accum_type"] == torch.float16  # 16.16
     assert kw["loss_scaling"] == plan.loss_scaling.value
     fp32 = make_plan(precision="16.32")
     assert pa.optimizer_spec(name, {"lr": 0.1}, fp32)[1]["accum_type"] == torch.float32
-    log: list = []
-    out = pa.create_optimizer([nn.Parameter(torch.zeros(1))], name, {"lr": 0.1}, plan, poptorch=fake_poptorch(log))
-    assert out[0] == cls
+    s = StandIn()  # binds the keyword arguments against the SDK 3.4 constructor (unknown names are refused)
+    pa.create_optimizer([nn.Parameter(torch.zeros(1))], name, dict(kw), plan, poptorch=s.poptorch)
+    assert s.names() == [f"poptorch.optim.{cls}"] and s.log[0].kwargs == kw
     with pytest.raises(ValueError, match="no PopTorch mapping"):
         pa.optimizer_spec("lamb_x", {"lr": 1.0}, plan)
 
 
 def test_dataloader_call() -> None:
-    log: list = []
-    fake = fake_poptorch(log)
-    _, args, kw = pa.create_dataloader("OPTS", [1, 2, 3], make_plan(), poptorch=fake)
-    assert args == ("OPTS", [1, 2, 3]) and kw["batch_size"] == 2 and kw["mode"] == FakeEnum.Async
+    s = StandIn()
+    pa.create_dataloader("OPTS", [1, 2, 3], make_plan(), poptorch=s.poptorch)
+    (call,) = s.calls("poptorch.DataLoader")
+    assert call.args == ("OPTS", [1, 2, 3]) and call.kwargs["batch_size"] == 2
+    assert call.kwargs["mode"] == s.poptorch.DataLoaderMode.Async
 
 
 def test_missing_sdk_message() -> None:
@@ -283,70 +194,11 @@ def test_real_poptorch_one_step_ipu_model() -> None:
 # ------------------------------------------------------------------------------------------------ PoptorchBackend
 
 
-class FakeExecutor:
-    """Mimics a PoplarExecutor on the CPU: accumulation over micro-batches, Mean reduction, one optimizer step."""
-
-    def __init__(self, module, optimizer=None, micro=None, log=None):
-        self.module, self.optimizer, self.micro, self.log = module, optimizer, micro, log
-        self.attached, self.compiled = False, False
-
-    def __call__(self, *args):
-        self.attached = self.compiled = True
-        if self.optimizer is None:
-            self.log.append(("infer", args[0].shape[0]))
-            return self.module(*args)
-        images, targets = args
-        mbs = list(zip(images.split(self.micro), targets.split(self.micro)))
-        self.optimizer.zero_grad()
-        losses = []
-        for x, y in mbs:
-            loss = self.module(x, y)
-            (loss / len(mbs)).backward()
-            losses.append(loss.detach())
-        self.optimizer.step()
-        return torch.stack(losses)
-
-    def isAttachedToDevice(self):  # noqa: N802 (PopTorch's names)
-        return self.attached
-
-    def isCompiled(self):  # noqa: N802
-        return self.compiled
-
-    def detachFromDevice(self):  # noqa: N802
-        self.log.append(("detach", self.optimizer is not None))
-        self.attached = False
-
-    def copyWeightsToHost(self):  # noqa: N802
-        self.log.append(("copyWeightsToHost",))
-
-    def copyWeightsToDevice(self):  # noqa: N802
-        self.log.append(("copyWeightsToDevice",))
-
-    def setOptimizer(self, opt):  # noqa: N802
-        self.log.append(("setOptimizer", [g["lr"] for g in opt.param_groups]))
-
-
-def fake_poptorch_with_executors(log, micro):
-    fake = fake_poptorch(log)
-    real_sgd = torch.optim.SGD
-
-    def sgd(params, **kw):
-        log.append(("optim.SGD", kw))
-        return real_sgd(params, lr=kw["lr"], momentum=kw["momentum"], nesterov=kw["nesterov"],
-                        weight_decay=kw["weight_decay"])
-
-    fake.optim.SGD = sgd
-    fake.trainingModel = lambda m, options=None, optimizer=None: FakeExecutor(m, optimizer, micro, log)
-    fake.inferenceModel = lambda m, options=None: FakeExecutor(m, None, None, log)
-    return fake
-
-
 def _backend_setup(monkeypatch=None, **execution):
     from ipu_norm.ipu.backend import PoptorchBackend
     from ipu_norm.train.backend import TrainSpec
 
-    log: list = []
-    fake = fake_poptorch_with_executors(log, micro=2)
+    s = standin_with_executors(micro=2)
     torch.manual_seed(0)
     model = TinyNet()
     ref = TinyNet()
@@ -354,13 +206,13 @@ def _backend_setup(monkeypatch=None, **execution):
     ex = {"device": "ipu", "precision": "32.32", "replicas": 1, **execution}
     plan = build_plan(ex, model, {"micro_batch_size": 2, "global_batch_size": 6})
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    backend = PoptorchBackend(poptorch=fake)
+    backend = PoptorchBackend(poptorch=s.poptorch)
     backend.prepare(model, opt, plan, TrainSpec(criterion=nn.CrossEntropyLoss()))
-    return backend, model, ref, log
+    return backend, model, ref, s
 
 
 def test_backend_step_matches_accumulation() -> None:
-    backend, model, ref, log = _backend_setup()
+    backend, model, ref, s = _backend_setup()
     assert backend.micro_batches_per_step == 3
     # The memory engineer's estimate ran before compilation (a tiny model fits easily).
     assert backend.memory_estimate is None or backend.memory_estimate.fits
@@ -383,13 +235,14 @@ def test_backend_step_matches_accumulation() -> None:
     # The trainer's schedule changes its optimizer's LR; lr_changed pushes it with setOptimizer.
     backend.optimizer.param_groups[0]["lr"] = 0.05
     backend.lr_changed()
-    assert log[-1] == ("setOptimizer", [0.05])
+    assert s.log[-1].name == "poptorch.PoplarExecutor.setOptimizer"
+    assert [g["lr"] for g in s.log[-1].args[0].param_groups] == [0.05]
     backend.sync_to_host()
-    assert ("copyWeightsToHost",) in log
+    assert s.calls("copyWeightsToHost")
 
 
 def test_backend_eval_pads_and_detaches() -> None:
-    backend, model, _, log = _backend_setup()
+    backend, model, _, s = _backend_setup()
     g = torch.Generator().manual_seed(4)
     mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(3)]
     backend.train_step(mbs)
@@ -400,12 +253,14 @@ def test_backend_eval_pads_and_detaches() -> None:
     with torch.no_grad():
         torch.testing.assert_close(logits, model.eval()(x))
     model.train()
-    assert ("detach", True) in log  # the training executable released the IPUs first
-    assert [e for e in log if e[0] == "infer"] == [("infer", 2)] * 3  # 2 + 2 + (1 padded to 2)
-    log.clear()
+    # The training executable released the IPUs first.
+    assert backend.train_model in [c.owner for c in s.calls("detachFromDevice")]
+    infer = [c.args[0].shape[0] for c in s.calls("PoplarExecutor.__call__") if c.owner is not backend.train_model]
+    assert infer == [2] * 3  # 2 + 2 + (1 padded to 2)
+    s.log.clear()
     backend.train_step(mbs)
     backend.eval_step(x)
-    assert ("copyWeightsToDevice",) in log  # new host weights since the last evaluation
+    assert s.calls("copyWeightsToDevice")  # new host weights since the last evaluation
     backend.close()
 
 
@@ -413,7 +268,7 @@ def test_backend_refuses_agc() -> None:
     from ipu_norm.ipu.backend import PoptorchBackend
     from ipu_norm.train.backend import TrainSpec
 
-    backend = PoptorchBackend(poptorch=fake_poptorch([]))
+    backend = PoptorchBackend(poptorch=StandIn().poptorch)
     plan = build_plan({"device": "ipu"}, TinyNet(), {"micro_batch_size": 2})
     with pytest.raises(NotImplementedError, match="agc_clip"):
         backend.prepare(TinyNet(), torch.optim.SGD(TinyNet().parameters(), lr=0.1), plan,
@@ -427,7 +282,7 @@ def test_trainer_get_backend_reaches_create_backend(monkeypatch: pytest.MonkeyPa
     from ipu_norm.train.backend import get_backend
     from ipu_norm.train.distributed import DistInfo
 
-    monkeypatch.setitem(sys.modules, "poptorch", fake_poptorch([]))
+    monkeypatch.setitem(sys.modules, "poptorch", StandIn().poptorch)
     cfg = types.SimpleNamespace(execution=types.SimpleNamespace(device="ipu"))
     assert isinstance(get_backend(cfg, DistInfo()), PoptorchBackend)
 
@@ -440,8 +295,8 @@ def test_trainer_end_to_end_on_fake_poptorch(monkeypatch: pytest.MonkeyPatch, tm
     from ipu_norm.config.loader import load_config
     from ipu_norm.train.trainer import train
 
-    log: list = []
-    monkeypatch.setitem(sys.modules, "poptorch", fake_poptorch_with_executors(log, micro=4))
+    s = standin_with_executors(micro=4)
+    monkeypatch.setitem(sys.modules, "poptorch", s.poptorch)
     cfg = load_config("configs/tiny_resnet18_gn.yml", overrides=[
         "execution.device=ipu", "execution.pipeline_splits=[blocks.2]", "execution.replicas=1",
         "execution.device_iterations=2", "train.global_batch_size=12", f"train.output_dir={tmp_path}",
@@ -451,10 +306,9 @@ def test_trainer_end_to_end_on_fake_poptorch(monkeypatch: pytest.MonkeyPatch, tm
     # Accumulation 12 / 4 = 3 >= 2N-1 for 2 stages; 64 samples // (micro 4 x accumulation 3 x device iterations 2)
     # = 2 calls x 2 optimizer steps.
     assert result.global_step == 4
-    calls = [e for e in log if e[0] == "setOptimizer"]
-    assert len(calls) == 2  # one LR push per host call
-    assert ("BeginBlock" in {e[0] for e in log})
-    assert any(e[0] == "infer" for e in log)  # validation ran through the inference executable
+    assert len(s.calls("setOptimizer")) == 2  # one LR push per host call
+    assert s.calls("poptorch.BeginBlock")
+    assert s.calls("poptorch.inferenceModel")  # validation ran through the inference executable
     assert result.last_checkpoint is not None and result.last_checkpoint.exists()
 
 
@@ -486,9 +340,8 @@ def test_backend_refuses_plan_over_ipu_memory_before_compiling() -> None:
 
     huge = {"micro_batch_size": 200_000, "global_batch_size": 200_000}  # ~GBs of activations for TinyNet
     for mode in ("error", "warn"):
-        log: list = []
         cfg = types.SimpleNamespace(execution=types.SimpleNamespace(memory_check=mode), optim=None)
-        backend = PoptorchBackend(cfg=cfg, poptorch=fake_poptorch_with_executors(log, micro=2))
+        backend = PoptorchBackend(cfg=cfg, poptorch=standin_with_executors(micro=2).poptorch)
         model = TinyNet()
         plan = build_plan({"device": "ipu"}, model, huge)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -518,15 +371,10 @@ def test_poprun_instances_shard_data_without_a_process_group(monkeypatch: pytest
     assert (info.enabled, info.rank, info.world_size, info.is_main) == (False, 1, 2, False)
     assert init_distributed("cpu").world_size == 1  # torchrun's variables decide on CPU/GPU, not poprun's
 
-    log: list = []
-    popdist = types.SimpleNamespace(
-        init=lambda: log.append(("popdist.init",)),
-        getNumTotalReplicas=lambda: 2,
-        poptorch=types.SimpleNamespace(Options=lambda ipus_per_replica: Recorder(log)),
-    )
-    monkeypatch.setitem(sys.modules, "popdist", popdist)
-    monkeypatch.setitem(sys.modules, "popdist.poptorch", popdist.poptorch)
-    monkeypatch.setitem(sys.modules, "poptorch", fake_poptorch_with_executors(log, micro=4))
+    s = standin_with_executors(micro=4, popdist_replicas=2)
+    monkeypatch.setitem(sys.modules, "popdist", s.popdist)
+    monkeypatch.setitem(sys.modules, "popdist.poptorch", s.popdist.poptorch)
+    monkeypatch.setitem(sys.modules, "poptorch", s.poptorch)
     cfg = load_config("configs/tiny_resnet18_gn.yml", overrides=[
         "execution.device=ipu", "execution.replicas=2", "train.global_batch_size=16", f"train.output_dir={tmp_path}",
         "train.epochs=1", "train.ema_decay=null",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 
 import pytest
 import torch
@@ -216,34 +215,36 @@ def test_no_ipu_dispatch_without_poptorch(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_dispatch_to_ipu_op_under_poptorch_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     """With PopTorch tracing (isRunningOnIpu() True) proxy_stats emits poptorch.custom_op with the
-    registered name/domain/version and attributes. poptorch is faked: this checks the wiring only; the
-    real op runs in the `ipu` tests of test_custom_op_cpp.py."""
-    calls = []
+    registered name/domain/version and attributes. poptorch is the SDK 3.4 table-generated stand-in (it binds the
+    call against the real custom_op signature): this checks the wiring only; the real op runs in the `ipu` tests of
+    test_custom_op_cpp.py."""
+    from poptorch_standin import StandIn
 
-    def fake_custom_op(inputs, name, domain, domain_version, example_outputs, attributes=None):  # noqa: ANN001, ANN202
-        calls.append((inputs, name, domain, domain_version, example_outputs, attributes))
-        return [torch.zeros_like(example_outputs[0]), torch.ones_like(example_outputs[1])]
-
-    fake = types.ModuleType("poptorch")
-    fake.isRunningOnIpu = lambda: True
-    fake.custom_op = fake_custom_op
-    monkeypatch.setitem(sys.modules, "poptorch", fake)
+    tracing = [True]
+    standin = StandIn({
+        "poptorch.isRunningOnIpu": lambda: tracing[0],
+        "poptorch.custom_op": lambda inputs, name, domain, domain_version, example_outputs, attributes=None: [
+            torch.zeros_like(example_outputs[0]), torch.ones_like(example_outputs[1])],
+    })
+    monkeypatch.setitem(sys.modules, "poptorch", standin.poptorch)
     ipu_mod = importlib.import_module("ipu_norm.ops.proxy_stats_ipu")
     monkeypatch.setattr(ipu_mod, "load_custom_ops", lambda path=None: None)
 
     p = [t.detach().half() for t in _params(4)]
     mean, var = proxy_stats(*p, act="swish", num_quantiles=64)
+    calls = standin.calls("poptorch.custom_op")
     assert len(calls) == 1
-    inputs, name, domain, version, examples, attrs = calls[0]
+    inputs, name, domain, version = calls[0].args
+    examples, attrs = calls[0].kwargs["example_outputs"], calls[0].kwargs["attributes"]
     assert (name, domain, version) == ("ProxyStats", "ipu_norm", 1)
     assert attrs == {"activation": "silu", "num_quantiles": 64}
     assert [t.dtype for t in inputs] == [torch.float32] * 4
     assert [tuple(t.shape) for t in examples] == [(4,), (4,)] and examples[0].dtype == torch.float32
     assert torch.equal(var, torch.ones(4))
 
-    fake.isRunningOnIpu = lambda: False  # outside the traced forward: the torch op again
+    tracing[0] = False  # outside the traced forward: the torch op again
     mean, _ = proxy_stats(*p, act="silu")
-    assert len(calls) == 1 and mean.dtype == torch.float32
+    assert len(standin.calls("poptorch.custom_op")) == 1 and mean.dtype == torch.float32
 
 
 def test_load_custom_ops_missing_library(tmp_path) -> None:  # noqa: ANN001

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "good checkpoint in the output dir (a fresh start if there is none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="IPU configs: print the poptorch option calls, pipeline stages with estimated memory, optimizer, data "
+        "path and batch arithmetic; with the Poplar SDK also compile; then exit without training",
+    )
     return p
 
 

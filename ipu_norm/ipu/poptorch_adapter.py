@@ -11,8 +11,10 @@ Two layers, so that the translation is testable without the SDK:
 
 poptorch is imported lazily (`import_poptorch`): it is not on PyPI; it ships as a wheel in Graphcore's Poplar SDK.
 
-PopTorch / PopDist names used here, checked against the graphcore/poptorch sources (SDK 3.x tree: python/options.py,
-python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphcore's examples for popdist:
+PopTorch / PopDist names used here, written against Poplar SDK 3.4.0 (graphcore/poptorch tag sdk/poptorch/3.4.0:
+python/options.py, python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphcore's examples for
+popdist. tests/poptorch_api_sdk34.py holds their signatures; tests/test_poptorch_api.py checks every call made here
+against it (run-time on a table-generated stand-in, and an AST scan), so add a new call's signature there too:
 
 - python/options.py, class Options: ``replicationFactor``, ``deviceIterations``, ``autoRoundNumIPUs``,
   ``outputMode(OutputMode)``, ``setAvailableMemoryProportion({"IPU0": p, ...})`` (keys must start with "IPU"),
@@ -44,8 +46,8 @@ python/__init__.py, python/ops.py, python/optim.py, python/enums.py) and Graphco
   (enforced in ipu_norm/ipu/plan.py and `option_calls`).
 - popdist (Graphcore examples, e.g. vision/cnns/pytorch utils): ``popdist.isPopdistEnvSet()``, ``popdist.init()``,
   ``popdist.getNumTotalReplicas()``, ``popdist.getNumLocalReplicas()``, ``popdist.getInstanceIndex()``,
-  ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (which refuses
-  ``replicationFactor``: poprun owns the replica count). poprun exports POPDIST_NUM_TOTAL_REPLICAS,
+  ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (poprun owns the replica count, so
+  ``replicationFactor`` is not called on it). poprun exports POPDIST_NUM_TOTAL_REPLICAS,
   POPDIST_NUM_IPUS_PER_REPLICA, POPDIST_NUM_LOCAL_REPLICAS, ... and OpenMPI's OMPI_COMM_WORLD_* variables.
 """
 
@@ -214,6 +216,30 @@ def apply_option_calls(opts: Any, calls: Iterable[OptionCall], poptorch: Any) ->
         fn(*[_resolve_arg(a, poptorch) for a in call.args], **{k: _resolve_arg(v, poptorch) for k, v in
                                                                 call.kwargs.items()})
     return opts
+
+
+def format_value(value: Any) -> str:
+    """Python source for an option-call argument: `Ref` / `Build` as ``poptorch.`` expressions, dtypes as
+    ``torch.<name>``, everything else as its repr (used by the dry run to print the exact calls)."""
+    if isinstance(value, Ref):
+        return f"poptorch.{value.path}"
+    if isinstance(value, Build):
+        chain = "".join(f".{m}({', '.join(format_value(a) for a in margs)})" for m, margs in value.chain)
+        return f"poptorch.{value.cls}({', '.join(format_value(a) for a in value.args)}){chain}"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {format_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(format_value(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
+def format_option_call(call: OptionCall, opts: str = "opts") -> str:
+    """One option call as the Python line it stands for, e.g. ``opts.Training.gradientAccumulation(4)``."""
+    parts = [format_value(a) for a in call.args] + [f"{k}={format_value(v)}" for k, v in call.kwargs.items()]
+    return f"{opts}.{call.path}({', '.join(parts)})"
 
 
 def create_options(plan: ExecutionPlan, *, for_inference: bool = False, poptorch: Any = None,
