@@ -350,3 +350,55 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
 def test_dataset_error_is_a_value_error() -> None:
     # run_train prints ValueErrors as one line: DatasetError must stay one.
     assert issubclass(DatasetError, ValueError)
+
+
+# ------------------------------------------------------------------------- slow: real processes, workers
+
+
+def _run_train_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_subprocess_diverging_run_stops_with_one_line(tmp_path: Path) -> None:
+    """A learning rate of 1e30 blows the weights up: every later step is nan; the process stops cleanly."""
+    out = tmp_path / "run"
+    proc = _run_train_subprocess(
+        ["--config", TINY, "--set", "optim.lr=1e30", "--set", "train.max_nonfinite_steps=4", "--output-dir", str(out)],
+        tmp_path,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "training stopped: 4 consecutive steps" in errors[0]
+    assert not list_checkpoints(out / "checkpoints")  # no nan checkpoint written
+
+
+@pytest.mark.slow
+def test_subprocess_empty_class_folder(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    for f in (root / "val" / "b").iterdir():
+        f.unlink()
+    proc = _run_train_subprocess(_imagefolder_args(root, tmp_path / "run"), tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: class folder without any image file: {root / 'val' / 'b'} "
+    )
+
+
+@pytest.mark.slow
+def test_truncated_val_jpeg_count_is_exact_with_loader_workers(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data", n=4)
+    _truncated_jpeg(root / "val" / "b" / "2_truncated.jpg")
+    cfg = load_config(
+        TINY,
+        flags={"data.dataset": "imagefolder", "data.root": str(root), "model.num_classes": 2,
+               "data.num_workers": 2, "train.epochs": 1, "train.output_dir": str(tmp_path / "run")},
+    )
+    from ipu_norm.train.trainer import train
+
+    result = train(cfg, log=lambda _: None)
+    assert result.final_metrics["val_unreadable"] == 1  # counted in the main process, from the targets

@@ -361,10 +361,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current state (collective: every rank must call it)."""
-        self._check_finite_weights()
         rank_state = {"rng": capture_rng_state(), "mixup": self.mixup.state_dict() if self.mixup else None}
         rank_states = all_gather_object(rank_state, self.dist)
         self.backend.sync_to_host()
+        self._check_finite_weights()  # after the device->host copy; the same weights (and verdict) on every rank
         path = None
         if self.is_main:
             state = {
@@ -491,12 +491,13 @@ class Trainer:
                     last_in_epoch = call + 1 == self.calls_per_epoch
                     stop = max_steps is not None and self.global_step >= max_steps
                     if _crossed(prev_step, self.global_step, t.log_every_steps) or last_in_epoch or stop:
+                        avg_loss = window_loss / window_steps if window_steps else float("nan")  # all skipped: nan
                         self.metrics.log(
                             {
                                 "kind": "train",
                                 "epoch": epoch,
                                 "step": self.global_step,
-                                "loss": window_loss / window_steps if window_steps else float("nan"),
+                                "loss": avg_loss,
                                 "lr": lr,
                                 "img_per_s": ips,
                                 "samples": self.samples_seen,
@@ -506,7 +507,7 @@ class Trainer:
                         if bar is None:
                             self.log(
                                 f"epoch {epoch} step {self.global_step}/{self.total_steps} "
-                                f"loss {window_loss / max(window_steps, 1):.4f} lr {lr:.4g} {ips:.1f} img/s"
+                                f"loss {avg_loss:.4f} lr {lr:.4g} {ips:.1f} img/s"
                             )
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                     if last_in_epoch:
