@@ -173,6 +173,14 @@ def test_finetune_from_cli_resumes_an_interrupted_stage(finished, tmp_path: Path
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
+def test_run_capped_by_max_steps_skips_the_stage(tmp_path: Path) -> None:
+    logs: list[str] = []
+    result = train_and_finetune(_cfg(tmp_path, "train.max_steps=2"), log=logs.append)
+    assert result.run_dir == tmp_path / "run" and result.global_step == 2
+    assert not (tmp_path / "run" / "finetune").exists()
+    assert any("skipping the fine-tuning stage" in m and "--finetune-from" in m for m in logs)
+
+
 def test_finetune_errors_are_one_line(tmp_path: Path, capsys) -> None:
     base = ["--config", str(TINY), "--output-dir", str(tmp_path / "run")]
     # A bad module name fails before the main training starts.

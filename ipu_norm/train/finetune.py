@@ -227,8 +227,9 @@ def train_and_finetune(
     """What ``run_train.py`` runs: the main training and/or the fine-tuning stage.
 
     - ``finetune_from`` set: only the fine-tuning of that run (``resume`` applies to the fine-tuning).
-    - else the main training (``resume`` applies to it), then, when ``finetune.enabled``, the fine-tuning
-      of its output (resumed from its own latest checkpoint when ``resume`` was given).
+    - else the main training (``resume`` applies to it), then, when ``finetune.enabled`` and the training
+      completed ``train.epochs`` (not cut short by ``train.max_steps``), the fine-tuning of its output
+      (resumed from its own latest checkpoint when ``resume`` was given).
     """
     if finetune_from is not None:
         return finetune(cfg, finetune_from, resume=resume, log=log)
@@ -238,5 +239,13 @@ def train_and_finetune(
         _module_order(build_model(cfg.model), cfg.finetune.first_trainable)  # a typo fails now, not after training
     result = train(cfg, resume=resume, log=log)
     if not cfg.finetune.enabled:
+        return result
+    if result.epoch < cfg.train.epochs:
+        # A run capped by train.max_steps (a quick look) is not a finished run: 2 full epochs would surprise.
+        if result.is_main:
+            (log or print)(
+                f"NOTE: the main training stopped after {result.epoch} of {cfg.train.epochs} epochs (train.max_steps); "
+                f"skipping the fine-tuning stage (run it later with --finetune-from {result.run_dir})"
+            )
         return result
     return finetune(cfg, result.run_dir, resume=None if resume is None else "latest", log=log)
