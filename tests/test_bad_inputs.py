@@ -402,3 +402,20 @@ def test_truncated_val_jpeg_count_is_exact_with_loader_workers(tmp_path: Path) -
 
     result = train(cfg, log=lambda _: None)
     assert result.final_metrics["val_unreadable"] == 1  # counted in the main process, from the targets
+
+
+def test_failed_restart_leaves_the_previous_run_intact(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert run_train.main(["--config", TINY, "--output-dir", str(out), "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (tmp_path / "empty").mkdir()
+    for argv in (
+        ["--set", "optim.lr=abc"],  # config error
+        ["--data", "imagefolder", "--data-root", str(tmp_path / "empty")],  # dataset error
+        ["--micro-batch-size", "3"],  # batch arithmetic error
+    ):
+        rc, lines = _run(["--config", TINY, "--output-dir", str(out), "--resume", *argv], capsys)
+        assert rc in (1, 2) and len([m for m in lines if "error: " in m]) == 1, argv
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # checkpoints, metrics and config untouched
