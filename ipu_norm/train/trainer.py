@@ -346,8 +346,8 @@ class Trainer:
         if limit is not None and len(self._bad_steps) >= limit:
             raise NonFiniteTrainingError(
                 f"training stopped: {len(self._bad_steps)} consecutive steps ({self._bad_steps[0]}-{self.global_step}) "
-                f"had a non-finite loss or inf/nan gradients (last loss {loss}); their updates were skipped and "
-                f"nothing was saved since; last good checkpoint: {self.last_checkpoint or 'none'} "
+                f"had a non-finite loss or inf/nan gradients (last loss {loss}); no checkpoint was written since; "
+                f"last good checkpoint: {self.last_checkpoint or 'none'} "
                 "(train.max_nonfinite_steps; try a lower optim.lr, AGC, or fp32)"
             )
         what = f"loss {loss}" if not math.isfinite(loss) else "inf/nan gradients"
