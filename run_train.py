@@ -30,14 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return dry_run(cfg)
     from ipu_norm.train.checkpoint import CheckpointError
-    from ipu_norm.train.trainer import train
+    from ipu_norm.train.finetune import train_and_finetune
+    from ipu_norm.train.trainer import NonFiniteTrainingError
 
     try:
-        result = train(cfg, resume=args.resume)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) get one
-        # clear line; other runtime errors keep their traceback.
-        expected = isinstance(exc, (ValueError, FileNotFoundError, CheckpointError)) or any(
+        result = train_and_finetune(cfg, resume=args.resume, finetune_from=args.finetune_from)
+    except (RuntimeError, ValueError, FileNotFoundError, NonFiniteTrainingError) as exc:
+        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) and a
+        # training stopped by persistent non-finite losses get one clear line; other errors keep their traceback.
+        expected = isinstance(exc, (ValueError, FileNotFoundError, CheckpointError, NonFiniteTrainingError)) or any(
             s in str(exc) for s in ("Poplar SDK", "execution.device")
         )
         if not expected:

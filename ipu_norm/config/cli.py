@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from a checkpoint file or the latest good one in a run directory; without PATH: the latest "
         "good checkpoint in the output dir (a fresh start if there is none)",
     )
+    p.add_argument(
+        "--finetune-from",
+        metavar="RUN_DIR",
+        default=None,
+        help="run only the fine-tuning stage at test resolution (the config's `finetune` section) on the finished "
+        "run RUN_DIR (or a checkpoint file); output in RUN_DIR/finetune, --resume continues it",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument(
         "--dry-run",

@@ -67,7 +67,7 @@ def load_yaml_tree(path: str | Path, _stack: tuple[Path, ...] = ()) -> tuple[dic
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_error_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     bases = raw.pop("base", None)
@@ -88,6 +88,17 @@ def load_yaml_tree(path: str | Path, _stack: tuple[Path, ...] = ()) -> tuple[dic
     return merged, sources
 
 
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error (with a source excerpt) as one line: the problem and where it is."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'optim.lr=0.1' -> ('optim.lr', 0.1); the value is parsed as YAML ('null', '[a, b]', 'gn+pn')."""
     key, sep, value = text.partition("=")
@@ -97,7 +108,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(f"--set {text!r}: value {value!r} is not valid YAML: {_yaml_error_line(exc)}") from exc
     return key, parsed
 
 
@@ -199,7 +210,8 @@ def _convert(value: Any, tp: Any, dotted: str, sources: Sources) -> Any:
             return value
         raise _Mismatch
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # inf/nan (YAML .inf, .nan) pass range checks like `lr > 0`; no setting here means them.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         # PyYAML (YAML 1.1) reads '1e-3' (no dot) as a string; accept numeric text for float fields.
         if isinstance(value, str):
@@ -295,10 +307,16 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
         ("train.log_every_steps", t.log_every_steps),
         ("train.checkpoint_every_steps", t.checkpoint_every_steps),
         ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
         ("execution.replicas", e.replicas),
         ("execution.gradient_accumulation", e.gradient_accumulation),
         ("execution.device_iterations", e.device_iterations),
         ("execution.ipus_per_replica", e.ipus_per_replica),
+        ("finetune.epochs", cfg.finetune.epochs),
+        ("finetune.max_steps", cfg.finetune.max_steps),
+        ("finetune.image_size", cfg.finetune.image_size),
+        ("finetune.micro_batch_size", cfg.finetune.micro_batch_size),
+        ("finetune.global_batch_size", cfg.finetune.global_batch_size),
     ]:
         _check(value is None or value >= 1, dotted, f"must be >= 1, got {value}", s)
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", s)
@@ -319,6 +337,9 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
     _check(0 < o.decay_rate <= 1, "optim.decay_rate", "must be in (0, 1]", s)
     _check(o.decay_epochs > 0, "optim.decay_epochs", "must be > 0", s)
     _check(o.min_lr >= 0, "optim.min_lr", "must be >= 0", s)
+    f = cfg.finetune
+    _check(f.lr > 0, "finetune.lr", f"must be > 0, got {f.lr}", s)
+    _check(0 <= f.momentum < 1, "finetune.momentum", "must be in [0, 1)", s)
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", s)
     _check(t.mixup_alpha >= 0, "train.mixup_alpha", "must be >= 0 (0 = off)", s)
     _check(t.cutmix_alpha >= 0, "train.cutmix_alpha", "must be >= 0 (0 = off)", s)

@@ -57,6 +57,9 @@ class DataConfig:
     generated_val_samples: int = 256
     digits_image_size: int = 32  # side of the exported digits images (upsampled from 8x8)
     val_batch_size: int | None = None  # null = train.micro_batch_size
+    # false: training images get the evaluation transform (resize + centre crop at train_size, no flip), as in the
+    # fine-tuning stage at test resolution (the `finetune` section sets it for that stage).
+    train_augment: bool = True
 
 
 @dataclass
@@ -105,6 +108,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
     deterministic: bool = False
     progress_bar: bool = True
+    # Stop (with an error, checkpoints kept) after this many optimizer steps in a row whose loss was non-finite or
+    # whose update was skipped for inf/nan gradients; null = never stop. A few skips are normal with fp16 loss
+    # scaling (the GradScaler halves its scale from 2^16 on each overflow), so keep this above ~20.
+    max_nonfinite_steps: int | None = 25
 
 
 @dataclass
@@ -135,6 +142,33 @@ class ExecutionConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """The last stage of half-resolution training: a few epochs at the test resolution (``ipu_norm.train.finetune``).
+
+    Starts from the finished run's last checkpoint (its EMA weights when it has them), trains with the
+    evaluation transform at ``image_size`` (no mixup/cutmix, no EMA), the layers before ``first_trainable``
+    frozen, and writes its own checkpoints and metrics to ``<run dir>/finetune``. Everything not set here
+    (loss, label smoothing, weight decay, AGC, precision, execution plan) is the main run's.
+    """
+
+    enabled: bool = False  # run it after the main training in the same command (else: run_train.py --finetune-from)
+    epochs: int = 2
+    max_steps: int | None = None  # cap on the stage's optimizer steps (the cosine schedule still spans `epochs`)
+    image_size: int | None = None  # null = the test resolution (data.test_size, else the model's default)
+    optimizer: Literal["sgd", "rmsprop", "adamw"] = "sgd"
+    # Per optim.lr_reference_batch samples like optim.lr; cosine decay to 0, no warmup. Graphcore's EfficientNet
+    # fine-tuning: SGD without momentum, lr 0.25 at global batch 800 (= 0.08 per 256).
+    lr: float = 0.08
+    momentum: float = 0.0
+    # Module name ('blocks.14', 'stages.3'): parameters registered before it are frozen, and its BatchNorm /
+    # dropout / stochastic-depth layers before it stay in eval mode. null = train every parameter.
+    first_trainable: str | None = None
+    micro_batch_size: int | None = None  # null = train.micro_batch_size (a larger image may need a smaller one)
+    global_batch_size: int | None = None  # null = train.global_batch_size
+    from_ema: bool = True  # start from the checkpoint's EMA weights when it has them (Graphcore: averaged weights)
+
+
+@dataclass
 class Config:
     """The whole run configuration."""
 
@@ -143,3 +177,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

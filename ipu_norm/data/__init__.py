@@ -6,7 +6,16 @@ sample order from ``(seed, epoch)`` (:class:`ResumableSampler`), augmentation fr
 ``torch.Generator`` (:class:`MixupCutmix`).
 """
 
-from .datasets import DATASET_NAMES, GeneratedDataset, SafeImageFolder, build_dataset, default_digits_cache_dir
+from .datasets import (
+    DATASET_NAMES,
+    IGNORE_TARGET,
+    DatasetError,
+    GeneratedDataset,
+    SafeImageFolder,
+    build_dataset,
+    default_digits_cache_dir,
+    load_rgb,
+)
 from .digits import export_digits_imagefolder
 from .loader import EpochDataLoader, build_loader, seed_worker
 from .mixup import MixupCutmix, SoftTargetCrossEntropy, cutmix_box, smooth_one_hot
@@ -23,8 +32,10 @@ from .transforms import (
 
 __all__ = [
     "DATASET_NAMES",
+    "IGNORE_TARGET",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "DatasetError",
     "EpochDataLoader",
     "GeneratedDataset",
     "MixupCutmix",
@@ -40,6 +51,7 @@ __all__ = [
     "cutmix_box",
     "default_digits_cache_dir",
     "export_digits_imagefolder",
+    "load_rgb",
     "make_generator",
     "mix_seed",
     "seed_worker",

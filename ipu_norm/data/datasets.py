@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -39,6 +40,42 @@ _SPLIT_IDS = {"train": 0, "val": 1}
 # Errors PIL raises on unreadable files: UnidentifiedImageError and "image file is truncated" are OSErrors,
 # some decoders raise SyntaxError/ValueError on malformed headers; DecompressionBombError is its own class.
 _LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Target of a validation sample whose file could not be decoded: the standard ``ignore_index`` of
+# ``nn.functional.cross_entropy``; evaluation leaves such samples out of the loss, the accuracy and the count.
+IGNORE_TARGET = -100
+# Files decoded at construction to tell "some corrupt files" (skipped) from "nothing readable" (an error).
+_PROBE_FILES = 32
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used (no class folders, empty class folder, nothing readable); names the path."""
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as 8-bit RGB, whatever its mode.
+
+    PIL's ``convert("RGB")`` handles grayscale (L, LA), palette (P), RGBA (alpha dropped) and CMYK, but
+    clips 16/32-bit integer and float images (mode I;16, I, F) to 255 instead of scaling them: a 16-bit
+    PNG would come out almost white. Those are rescaled to 8 bits first (16-bit: value / 257; 32-bit int and
+    float: min-max over the image, as their range is not fixed).
+    """
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode.startswith("I;16"):
+            arr = np.asarray(im, dtype=np.uint16).astype(np.float32) / 257.0
+            return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+        if mode in ("I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            if mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+                arr = arr / 257.0  # PNG 16-bit grayscale opens as mode I in some PIL versions
+            else:
+                lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+                arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+            return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+        if mode == "P" and "transparency" in im.info:
+            return im.convert("RGBA").convert("RGB")  # PIL warns when converting a transparent palette directly
+        return im.convert("RGB")
 
 
 class GeneratedDataset(Dataset):
@@ -126,13 +163,22 @@ class SafeImageFolder(ImageFolder):
     ``num_workers > 0`` each worker has its own copy of the dataset, so the main-process counter stays 0 and
     the per-worker warnings in the log are the record.
 
+    Validation sets pass ``bad_target=IGNORE_TARGET``: the substitute then carries that target, so batch
+    shapes stay fixed (IPUs compile static shapes) while evaluation leaves the sample out of its metrics and
+    reports how many were skipped - exact even with loader workers, since the targets travel with the batch.
+
+    Errors at construction (:class:`DatasetError`, one line naming the path): no class sub-folder, a class
+    folder without any image file, or none of the first files decodable (a folder of unreadable files).
+    Files are read with :func:`load_rgb` (grayscale, palette, RGBA, CMYK and 16-bit images become RGB).
+
     Args:
         root: folder with one sub-folder per class.
         transform: applied to the PIL image under a per-sample seed ``(seed, epoch, index)``.
         target_transform: applied to the class index.
         seed: base seed of the per-sample augmentation RNG.
         verify: decode every file now and drop the unreadable ones.
-        loader: image loader (defaults to torchvision's PIL RGB loader).
+        loader: image loader (defaults to :func:`load_rgb`).
+        bad_target: target returned with the substitute of an unreadable file (default: the substitute's own).
     """
 
     def __init__(
@@ -144,16 +190,25 @@ class SafeImageFolder(ImageFolder):
         seed: int = 0,
         verify: bool = False,
         loader: Callable[[str], Any] | None = None,
+        bad_target: int | None = None,
     ) -> None:
-        kwargs = {} if loader is None else {"loader": loader}
-        super().__init__(os.fspath(root), transform=transform, target_transform=target_transform, **kwargs)
+        root = os.fspath(root)
+        try:
+            super().__init__(root, transform=transform, target_transform=target_transform, loader=loader or load_rgb)
+        except FileNotFoundError as exc:
+            raise DatasetError(_describe_layout_error(root, exc)) from None
+        except PermissionError as exc:
+            raise DatasetError(f"cannot read the dataset folder {exc.filename or root}: {exc.strerror}") from None
         self.seed = int(seed)
         self.epoch = 0
         self.num_skipped = 0
         self.skipped_paths: list[str] = []
+        self.bad_target = bad_target
         self._bad: set[int] = set()
         if verify:
             self._verify_all()
+        else:
+            self._probe()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentation stream ``__getitem__`` reproduces."""
@@ -164,6 +219,22 @@ class SafeImageFolder(ImageFolder):
         self.num_skipped += 1
         self.skipped_paths.append(path)
         _logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+
+    def _probe(self) -> None:
+        """Decode files until one works (usually the first): a folder of unreadable files fails here, clearly."""
+        first_error = None
+        for i, (path, _) in enumerate(self.samples[:_PROBE_FILES]):
+            try:
+                self.loader(path)
+            except _LOAD_ERRORS as err:
+                self._record_bad(i, path, err)
+                first_error = first_error or f"{path}: {type(err).__name__}: {err}"
+                continue
+            return
+        raise DatasetError(
+            f"no readable image under {self.root}: the first {min(len(self.samples), _PROBE_FILES)} files all "
+            f"fail to decode (first: {first_error})"
+        )
 
     def _verify_all(self) -> None:
         good = []
@@ -179,7 +250,7 @@ class SafeImageFolder(ImageFolder):
         self.imgs = self.samples
         self.targets = [t for _, t in good]
         if not good:
-            raise RuntimeError(f"no readable image under {self.root}")
+            raise DatasetError(f"no readable image under {self.root}")
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         n = len(self.samples)
@@ -198,13 +269,36 @@ class SafeImageFolder(ImageFolder):
                 continue
             break
         else:
-            raise RuntimeError(f"no readable image under {self.root} ({len(self._bad)} unreadable files)")
+            raise DatasetError(f"no readable image under {self.root} ({len(self._bad)} unreadable files)")
+        if i != index and self.bad_target is not None:
+            target = self.bad_target
         if self.transform is not None:
             with seeded_cpu_rng(mix_seed(self.seed, self.epoch, index)):
                 image = self.transform(image)
-        if self.target_transform is not None:
+        if self.target_transform is not None and target != self.bad_target:
             target = self.target_transform(target)
         return image, target
+
+
+def _describe_layout_error(root: str, exc: FileNotFoundError) -> str:
+    """One line for torchvision's ImageFolder layout errors, naming the offending folder(s)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+    try:
+        classes, _ = find_classes(root)
+    except FileNotFoundError:
+        return f"no class folders in {root}: expected {root}/<class>/<image files> (ImageNet layout)"
+    empty = []
+    for c in classes:
+        folder = Path(root) / c
+        if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in folder.rglob("*")):
+            empty.append(str(folder))
+    if empty:
+        return (
+            f"class folder{'s' if len(empty) > 1 else ''} without any image file: {', '.join(empty)} (supported "
+            f"extensions: {' '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+        )
+    return f"{root}: {exc}"
 
 
 def _check_classes(ds: SafeImageFolder, num_classes: int) -> None:
@@ -241,6 +335,7 @@ def build_dataset(
     digits_val_fraction: float = 0.2,
     digits_split_seed: int = 0,
     digits_limit_per_class: int | None = None,
+    train_augment: bool = True,
 ) -> Dataset:
     """Build a dataset by name.
 
@@ -273,10 +368,15 @@ def build_dataset(
         digits_val_fraction: val share of each class for 'digits'.
         digits_split_seed: random state of the digits train/val split.
         digits_limit_per_class: export only the first N digits of each class (fast tests, smoke runs).
+        train_augment: ``False`` gives the train split the evaluation transform at ``image_size`` (resize +
+            centre crop, no flip), as the fine-tuning stage at test resolution uses (``ipu_norm.train.finetune``).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     train = split == "train"
+    # Train substitutes the next readable image for an unreadable one; val does too (fixed batch shapes) but
+    # marks it so that evaluation leaves it out and counts it.
+    bad_target = None if train else IGNORE_TARGET
     if name == "generated":
         if train or generated_val_samples is None:
             n = generated_samples
@@ -296,8 +396,11 @@ def build_dataset(
                 f"and {Path(root)}/val/<class>/*.JPEG). Point data.root at your dataset, or set "
                 "`data.dataset: generated` to benchmark on synthetic data."
             )
-        transform = build_train_transform(image_size) if train else build_eval_transform(test_size)
-        ds = SafeImageFolder(split_dir, transform=transform, seed=seed, verify=verify)
+        if train:
+            transform = build_train_transform(image_size) if train_augment else build_eval_transform(image_size)
+        else:
+            transform = build_eval_transform(test_size)
+        ds = SafeImageFolder(split_dir, transform=transform, seed=seed, verify=verify, bad_target=bad_target)
         _check_classes(ds, num_classes)
         return ds
     if name == "digits":
@@ -315,8 +418,14 @@ def build_dataset(
             seed=digits_split_seed,
             limit_per_class=digits_limit_per_class,
         )
-        transform = build_digits_train_transform(image_size) if train else build_digits_eval_transform(test_size)
-        ds = SafeImageFolder(train_dir if train else val_dir, transform=transform, seed=seed, verify=verify)
+        if train:
+            build = build_digits_train_transform if train_augment else build_digits_eval_transform
+            transform = build(image_size)
+        else:
+            transform = build_digits_eval_transform(test_size)
+        ds = SafeImageFolder(
+            train_dir if train else val_dir, transform=transform, seed=seed, verify=verify, bad_target=bad_target
+        )
         _check_classes(ds, num_classes)
         return ds
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")

@@ -46,7 +46,7 @@ class StepResult:
 
     loss: float  # mean training loss over this process's micro-batches of the step
     samples: int  # samples this process consumed in the step
-    skipped: bool = False  # the GradScaler skipped the update (inf/nan gradients)
+    skipped: bool = False  # the update was skipped (inf/nan gradients: GradScaler overflow, or fp32/bf16 guard)
 
 
 @dataclasses.dataclass
@@ -230,8 +230,13 @@ class TorchBackend:
             self.scaler.step(opt)
             self.scaler.update()
             skipped = self.scaler.get_scale() < scale_before
-        else:
+        elif _grads_finite(opt):
             opt.step()
+        else:
+            # Without a GradScaler nothing else guards the weights: one inf/nan gradient would turn every weight
+            # into nan. Skip the update instead (gradients are all-reduced, so every rank decides alike); the
+            # trainer stops after train.max_nonfinite_steps such steps in a row.
+            skipped = True
         return StepResult(loss=float(total_loss / n), samples=samples, skipped=skipped)
 
     @torch.no_grad()
@@ -263,6 +268,14 @@ class TorchBackend:
 
     def close(self) -> None:
         """Nothing to release on CPU/CUDA."""
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """True when every gradient the optimizer would apply is finite (one fused max-abs norm, no overflow)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
 
 
 def _amp_settings(precision: str, device_type: str) -> tuple[torch.dtype | None, bool]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ipu_norm.config.loader import config_to_dict, dump_config
 from ipu_norm.config.schema import Config
+from ipu_norm.data.datasets import IGNORE_TARGET
 from ipu_norm.train.backend import Backend, TrainSpec, get_backend, resolve_device
 from ipu_norm.train.builders import build_criterion, build_model, build_optimizer, build_scheduler
 from ipu_norm.train.checkpoint import (
@@ -49,6 +50,10 @@ from ipu_norm.train.distributed import (
     init_distributed,
 )
 from ipu_norm.train.metrics import MetricsLogger, topk_correct
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped: the loss/gradients stayed non-finite, or the weights became non-finite (nothing saved)."""
 
 
 @dataclasses.dataclass
@@ -90,6 +95,7 @@ class Trainer:
         resume: str | None = None,
         log: Callable[[str], None] | None = None,
         backend: Backend | None = None,
+        model_hook: Callable[[nn.Module], None] | None = None,
     ) -> None:
         from ipu_norm.data import MixupCutmix, ResumableSampler, build_dataset, build_loader, mix_seed
         from ipu_norm.ipu.plan import build_plan
@@ -117,6 +123,8 @@ class Trainer:
         seed_everything(t.seed)
         self.backend: Backend = backend or get_backend(cfg, self.dist)
         self.model: nn.Module = build_model(cfg.model)
+        if model_hook is not None:  # e.g. load weights and freeze layers (fine-tuning), before anything wraps it
+            model_hook(self.model)
         default_cfg = getattr(self.model, "default_cfg", {}) or {}
         self.train_size = d.train_size or default_cfg.get("train_size") or 224
         self.test_size = d.test_size or default_cfg.get("test_size") or self.train_size
@@ -154,7 +162,9 @@ class Trainer:
         num_workers = min(d.num_workers, os.cpu_count() or 1)
         if num_workers < d.num_workers:
             self.log(f"NOTE: data.num_workers={d.num_workers} > {num_workers} CPU cores; using {num_workers} workers")
-        self.train_set = build_dataset(d.dataset, "train", generated_samples=d.generated_samples, **common)
+        self.train_set = build_dataset(
+            d.dataset, "train", generated_samples=d.generated_samples, train_augment=d.train_augment, **common
+        )
         self.val_set = build_dataset(d.dataset, "val", generated_samples=d.generated_val_samples, **common)
         self.sampler = ResumableSampler(
             len(self.train_set),
@@ -248,6 +258,7 @@ class Trainer:
         self.samples_seen = 0
         self.last_checkpoint: Path | None = None
         self._last_saved_step = -1
+        self._bad_steps: list[int] = []  # the current run of consecutive non-finite / skipped steps
         if resume is not None:
             self._resume(resume)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
@@ -319,11 +330,41 @@ class Trainer:
             f"micro-batch {self.batch_in_epoch} of the epoch"
         )
 
+    def _check_finite_weights(self) -> None:
+        """Refuse to checkpoint nan/inf weights: that would replace the last good checkpoint with a useless one."""
+        bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteTrainingError(
+                f"model weights are non-finite at step {self.global_step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                f"not saving a checkpoint; the last good one is kept: {self.last_checkpoint or 'none yet'}"
+            )
+
+    def _note_bad_step(self, loss: float) -> None:
+        """Count a step with a non-finite loss or a skipped update; stop after train.max_nonfinite_steps in a row."""
+        self._bad_steps.append(self.global_step)
+        limit = self.cfg.train.max_nonfinite_steps
+        if limit is not None and len(self._bad_steps) >= limit:
+            raise NonFiniteTrainingError(
+                f"training stopped: {len(self._bad_steps)} consecutive steps ({self._bad_steps[0]}-{self.global_step}) "
+                f"had a non-finite loss or inf/nan gradients (last loss {loss}); no checkpoint was written since; "
+                f"last good checkpoint: {self.last_checkpoint or 'none'} "
+                "(train.max_nonfinite_steps; try a lower optim.lr, AGC, or fp32)"
+            )
+        what = f"loss {loss}" if not math.isfinite(loss) else "inf/nan gradients"
+        why = " (fp16 loss scaling lowers its scale)" if self.backend_uses_loss_scaling else ""
+        self.log(f"NOTE: step {self.global_step}: {what}, update skipped{why}")
+
+    @property
+    def backend_uses_loss_scaling(self) -> bool:
+        """Whether the backend runs a GradScaler (its overflow skips are routine, not faults)."""
+        return getattr(self.backend, "scaler", None) is not None
+
     def save(self) -> Path | None:
         """Write a checkpoint of the current state (collective: every rank must call it)."""
         rank_state = {"rng": capture_rng_state(), "mixup": self.mixup.state_dict() if self.mixup else None}
         rank_states = all_gather_object(rank_state, self.dist)
         self.backend.sync_to_host()
+        self._check_finite_weights()  # after the device->host copy; the same weights (and verdict) on every rank
         path = None
         if self.is_main:
             state = {
@@ -363,11 +404,15 @@ class Trainer:
         if self.ema is not None:
             models.append(("ema_", self.ema.module))
         totals = {prefix: [0.0, 0.0, 0.0] for prefix, _ in models}  # top1, top5, loss sum
-        count = 0
+        count = unreadable = 0
         with preserved_rng():
             self.val_loader.sampler.set_epoch(0)
             for images, labels in self.val_loader:
-                count += labels.shape[0]
+                # Stand-ins for unreadable files carry IGNORE_TARGET: out of the count (never correct in
+                # topk_correct, ignored by cross_entropy's default ignore_index).
+                bad = int((labels == IGNORE_TARGET).sum())
+                unreadable += bad
+                count += labels.shape[0] - bad
                 for prefix, module in models:
                     logits = self.backend.eval_step(images, module).cpu()
                     c1, c5 = topk_correct(logits, labels, (1, 5))
@@ -375,15 +420,19 @@ class Trainer:
                     totals[prefix][0] += c1
                     totals[prefix][1] += c5
                     totals[prefix][2] += loss
-        flat = [count] + [v for prefix, _ in models for v in totals[prefix]]
+        flat = [count, unreadable] + [v for prefix, _ in models for v in totals[prefix]]
         flat = all_reduce_sum(flat, self.dist)
         n = max(flat[0], 1.0)
         out: dict[str, float] = {}
+        if flat[1]:
+            self.log(f"WARNING: validation skipped {int(flat[1])} unreadable image(s) (see the log for their paths)")
         for i, (prefix, _) in enumerate(models):
-            c1, c5, loss = flat[1 + 3 * i : 4 + 3 * i]
+            c1, c5, loss = flat[2 + 3 * i : 5 + 3 * i]
             out[f"{prefix}top1"] = 100.0 * c1 / n
             out[f"{prefix}top5"] = 100.0 * c5 / n
             out[f"{prefix}val_loss"] = loss / n
+        if flat[1]:
+            out["val_unreadable"] = flat[1]  # only when it happened: the usual record keeps its keys
         return out
 
     # ---------------------------------------------------------------------------------- training
@@ -425,11 +474,11 @@ class Trainer:
                     if self.ema is not None:
                         self.backend.sync_to_host()
                         self.ema.update(self.model, self.global_step - 1)  # ModelEma counts steps from 0
-                    if not math.isfinite(result.loss):
-                        if not result.skipped:  # fp16 overflow steps are skipped by the GradScaler: expected
-                            raise FloatingPointError(f"training loss is {result.loss} at step {self.global_step}")
-                        self.log(f"NOTE: step {self.global_step}: non-finite fp16 loss, update skipped (loss scaling)")
+                    if result.skipped or not math.isfinite(result.loss):
+                        self._note_bad_step(result.loss)
                     else:
+                        self._bad_steps.clear()
+                    if math.isfinite(result.loss):
                         window_loss += result.loss
                         window_steps += 1
                     window_samples += result.samples * self.dist.world_size
@@ -442,12 +491,13 @@ class Trainer:
                     last_in_epoch = call + 1 == self.calls_per_epoch
                     stop = max_steps is not None and self.global_step >= max_steps
                     if _crossed(prev_step, self.global_step, t.log_every_steps) or last_in_epoch or stop:
+                        avg_loss = window_loss / window_steps if window_steps else float("nan")  # all skipped: nan
                         self.metrics.log(
                             {
                                 "kind": "train",
                                 "epoch": epoch,
                                 "step": self.global_step,
-                                "loss": window_loss / window_steps if window_steps else float("nan"),
+                                "loss": avg_loss,
                                 "lr": lr,
                                 "img_per_s": ips,
                                 "samples": self.samples_seen,
@@ -457,12 +507,16 @@ class Trainer:
                         if bar is None:
                             self.log(
                                 f"epoch {epoch} step {self.global_step}/{self.total_steps} "
-                                f"loss {window_loss / max(window_steps, 1):.4f} lr {lr:.4g} {ips:.1f} img/s"
+                                f"loss {avg_loss:.4f} lr {lr:.4g} {ips:.1f} img/s"
                             )
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                     if last_in_epoch:
                         self.epoch, self.batch_in_epoch = epoch + 1, 0
-                    if t.checkpoint_every_steps and _crossed(prev_step, self.global_step, t.checkpoint_every_steps):
+                    if (
+                        t.checkpoint_every_steps
+                        and _crossed(prev_step, self.global_step, t.checkpoint_every_steps)
+                        and not self._bad_steps  # no checkpoint in the middle of a non-finite streak
+                    ):
                         self.save()
                     if stop:
                         break
@@ -473,7 +527,11 @@ class Trainer:
                     final_epoch = self.epoch == t.epochs
                     if (t.val_every_epochs and self.epoch % t.val_every_epochs == 0) or final_epoch or stop:
                         last_val = self._validate(epoch)
-                    if t.checkpoint_every_steps is None and self._last_saved_step != self.global_step:
+                    if (
+                        t.checkpoint_every_steps is None
+                        and self._last_saved_step != self.global_step
+                        and not self._bad_steps
+                    ):
                         self.save()
             if not last_val or last_val.get("step") != self.global_step:
                 last_val = self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
@@ -515,9 +573,18 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
-def train(cfg: Config, *, resume: str | None = None, log: Callable[[str], None] | None = None) -> RunResult:
-    """Run one training job: build everything from ``cfg``, optionally resume, train, return the result."""
-    trainer = Trainer(cfg, resume=resume, log=log)
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    log: Callable[[str], None] | None = None,
+    model_hook: Callable[[nn.Module], None] | None = None,
+) -> RunResult:
+    """Run one training job: build everything from ``cfg``, optionally resume, train, return the result.
+
+    ``model_hook(model)`` runs on the freshly built model before the optimizer and the backend see it.
+    """
+    trainer = Trainer(cfg, resume=resume, log=log, model_hook=model_hook)
     try:
         result = trainer.fit()
         if trainer.is_main:
