@@ -177,6 +177,21 @@ def test_norm_is_normalised_and_yaml_quirks_accepted(tmp_path: Path) -> None:
     assert cfg2.execution.precision == "32.32" and cfg2.execution.loss_scaling == 128.0
 
 
+
+def test_yaml_1_1_words_are_strings_not_booleans(tmp_path: Path) -> None:
+    # YAML 1.1 reads off/on/yes/no as booleans; the enum value `off` must reach its field as the string it is,
+    # from a file and from --set, while true/false stay booleans.
+    p = _write(tmp_path, "a.yml", "execution: {memory_check: off, compile: true}\n")
+    cfg = load_config(p)
+    assert cfg.execution.memory_check == "off" and cfg.execution.compile is True
+    _, cfg2, _ = parse_args(["--config", str(p), "--set", "execution.memory_check=warn", "--set",
+                             "execution.compile=False"])
+    assert cfg2.execution.memory_check == "warn" and cfg2.execution.compile is False
+    _, cfg3, _ = parse_args(["--config", str(p), "--set", "execution.memory_check=off"])
+    assert cfg3.execution.memory_check == "off"
+    with pytest.raises(ConfigError, match="execution.compile"):
+        load_config(_write(tmp_path, "b.yml", "execution: {compile: yes}\n"))
+
 def test_cli_set_and_flags_override_yaml(tmp_path: Path) -> None:
     p = _write(tmp_path, "a.yml", "optim: {lr: 0.5}\ntrain: {epochs: 3, max_steps: 7}\nmodel: {norm: bn}\n")
     args, cfg, sources = parse_args(

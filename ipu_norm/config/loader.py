@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -55,6 +56,28 @@ def _record_sources(data: Mapping[str, Any], source: str, sources: Sources, pref
             _record_sources(value, source, sources, dotted + ".")
 
 
+
+class _ConfigYamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false (any case) are booleans.
+
+    PyYAML follows YAML 1.1, where ``off``/``on``/``yes``/``no`` are booleans too, so
+    ``execution.memory_check: off`` (an enum value) would arrive as ``False`` and be rejected.
+    """
+
+
+_ConfigYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse config YAML (file or ``--set`` value) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_ConfigYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
 def load_yaml_tree(path: str | Path, _stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Sources]:
     """Read a YAML config and its ``base:`` chain; returns the merged mapping and where each key came from."""
     path = Path(path).resolve()
@@ -65,7 +88,7 @@ def load_yaml_tree(path: str | Path, _stack: tuple[Path, ...] = ()) -> tuple[dic
         where = f" (base of {_stack[-1]})" if _stack else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_error_line(exc)}") from exc
     if not isinstance(raw, dict):
@@ -106,7 +129,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value {value!r} is not valid YAML: {_yaml_error_line(exc)}") from exc
     return key, parsed
