@@ -85,6 +85,39 @@ def test_matches_timm() -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_subset_multiply_is_bitwise_a_full_multiply(dtype: torch.dtype) -> None:
+    # The CPU path multiplies only clipped units; multiplying every unit by its factor (1.0 where not clipped,
+    # as on accelerators) must give the very same bits. Covers: no unit clipped, some rows, all rows, vectors,
+    # scalars, a non-contiguous gradient (full multiply fallback) and bf16 gradients (fp32 factors cast down).
+    from ipu_norm.optim.agc import _scale_clipped_rows_cpu
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (6, 5), (7, 3), (4, 1, 1, 1), (5,), (), (6, 4)]
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads[-1] = torch.randn(4, 6, generator=g).to(dtype).t()  # non-contiguous (6, 4)
+    units = [s[0] if len(s) > 1 else 1 for s in shapes]
+    masks = [torch.rand(n, generator=g) < 0.3 for n in units]
+    masks[1][:] = False  # nothing clipped in this tensor
+    masks[2][:] = True  # every row clipped
+    masks[4][:] = True  # the vector is clipped
+    masks[-1][:2] = True
+    masks[-1][2:] = False
+    clipped = torch.cat(masks)
+    factors = torch.where(clipped, torch.rand(clipped.numel(), generator=g), torch.ones(clipped.numel()))
+    dense = []
+    for grad, f in zip(grads, factors.split(units)):
+        dense.append(grad * f.to(dtype).view((-1,) + (1,) * (grad.ndim - 1) if grad.ndim > 1 else ()))
+    before = [t.clone() for t in grads]
+    _scale_clipped_rows_cpu(grads, factors, clipped, units)
+    for a, b, old, m in zip(grads, dense, before, masks):
+        assert torch.equal(a, b)
+        if a.ndim > 1:  # clipped rows changed in place, the others kept their bits
+            assert torch.equal(a[~m], old[~m])
+            if m.any():
+                assert not torch.equal(a[m], old[m])
+
+
 def test_eps_guards() -> None:
     zero_w = nn.Parameter(torch.zeros(4, 3))  # e.g. a zero-initialised gain: ||W||* = 1e-3
     zero_w.grad = torch.ones(4, 3)

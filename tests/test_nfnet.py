@@ -297,3 +297,22 @@ def test_variance_law_detects_wrong_beta() -> None:
     for b in m.blocks:
         b.beta = 1.0
     assert not _law_holds(_stage_variances(m))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "elu", "leaky_relu", "tanh", "sigmoid", "identity"])
+def test_gamma_act_matches_out_of_place_reference(act: str) -> None:
+    # GammaAct scales some activations' output in place: same value and gradient as phi(x) * gamma, the
+    # input is left untouched, and a second use of the output (as NFBlock's pre-activation) still backprops.
+    from ipu_norm.layers.activations import ACT_FNS, NF_ACT_GAMMA
+
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    x0 = x.detach().clone()
+    layer = GammaAct(act)
+    y = layer(x)
+    ref = ACT_FNS[act](x) * NF_ACT_GAMMA[act]
+    torch.testing.assert_close(y, ref, rtol=1e-15, atol=0)
+    assert torch.equal(x.detach(), x0)
+    up = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad((y * y).sum() + (y * up).sum(), x)
+    (gref,) = torch.autograd.grad((ref * ref).sum() + (ref * up).sum(), x)
+    torch.testing.assert_close(gx, gref, rtol=1e-13, atol=1e-15)

@@ -142,3 +142,82 @@ def test_gradcheck_float64(form: str) -> None:
         return torch.func.functional_call(conv, {"weight": w, "gain": g, "bias": conv.bias}, (x,))
 
     assert torch.autograd.gradcheck(fn, (x, w, g), eps=1e-6, atol=1e-6)
+
+
+def _fused_and_plain(w: torch.Tensor, gain: torch.Tensor | None, form: str, gamma: float, eps: float | None = None):
+    """(output, grads) of the fused autograd path and of autograd over the plain ops, same upstream gradient."""
+    from ipu_norm.layers.weight_std import _check_form, _scaled_std_weight_ops
+
+    upstream = torch.randn(w.shape, dtype=w.dtype, generator=torch.Generator().manual_seed(1))
+    inputs = (w,) if gain is None else (w, gain)
+    fused = scaled_std_weight(w, gain, form=form, gamma=gamma, eps=eps)
+    plain = _scaled_std_weight_ops(w.reshape(w.shape[0], -1), gain, form, _check_form(form, eps), gamma).reshape_as(w)
+    return (fused, torch.autograd.grad(fused, inputs, upstream)), (plain, torch.autograd.grad(plain, inputs, upstream))
+
+
+@pytest.mark.parametrize("form", ["deepmind", "timm"])
+@pytest.mark.parametrize("with_gain", [True, False])
+def test_fused_path_matches_plain_autograd_float64(form: str, with_gain: bool) -> None:
+    # Rows 0-1 are constant and row 2 tiny (N var < eps: DeepMind's clamp is active there), row 3 has a large
+    # mean, the rest are ordinary; one gain is 0 (timm NF-ResNet's zero-initialised last gain).
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, 3, 3, dtype=torch.float64, generator=g) * 0.3
+    w[0] = 0.0
+    w[1] = 0.7
+    w[2] = w[2] * 1e-4
+    w[3] = w[3] + 5.0
+    w.requires_grad_(True)
+    gain = None
+    if with_gain:
+        gain = (torch.rand(8, 1, 1, 1, dtype=torch.float64, generator=g) + 0.5)
+        gain[5] = 0.0
+        gain.requires_grad_(True)
+    (out_f, grads_f), (out_p, grads_p) = _fused_and_plain(w, gain, form, gamma=1.7)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_f, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_float32_and_strided_weight() -> None:
+    # fp32 and a channels_last (non-contiguous) weight: same values as the plain ops to fp32 rounding.
+    w = torch.randn(16, 8, 3, 3).to(memory_format=torch.channels_last).requires_grad_(True)
+    gain = (torch.rand(16, 1, 1, 1) + 0.5).requires_grad_(True)
+    (out_f, grads_f), (out_p, grads_p) = _fused_and_plain(w, gain, "deepmind", gamma=1.0)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_f, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_path_saves_no_weight_sized_tensor() -> None:
+    # The fused path keeps only the weight itself (a parameter) and per-row vectors for backward; autograd over
+    # the plain ops saves the centred weight too.
+    w = torch.randn(64, 32, 3, 3, requires_grad=True)
+    gain = torch.ones(64, 1, 1, 1, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        scaled_std_weight(w, gain).sum().backward()
+    big = [t for t in saved if t.numel() >= w.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == w.data_ptr()
+
+
+def test_plain_ops_under_poptorch_tracing_and_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PopART differentiates the traced forward itself: no custom autograd function there; bf16 weights also
+    # take the plain ops. Both give the fused path's values.
+    import ipu_norm.layers.weight_std as ws
+
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    fused = scaled_std_weight(w, None)
+    assert type(fused.grad_fn).__name__ == "_ScaledStdWeightFnBackward"
+    monkeypatch.setattr(ws, "running_on_ipu", lambda: True)
+    traced = scaled_std_weight(w, None)
+    assert type(traced.grad_fn).__name__ != "_ScaledStdWeightFnBackward"
+    torch.testing.assert_close(traced, fused)
+    monkeypatch.undo()
+    half = scaled_std_weight(w.detach().bfloat16(), None)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), fused.detach(), rtol=2e-2, atol=2e-2)

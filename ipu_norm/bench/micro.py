@@ -5,8 +5,9 @@
 
 `agc`: the clip call alone on a model's real parameter shapes with random gradients, two ways, timed
 interleaved: ipu_norm.optim.agc.adaptive_clip_grad_ (the library: on CPU per-tensor row norms of reshaped
-views, one fused multiply) and timm.utils.adaptive_clip_grad (one norm + where per parameter). Their results
-are checked equal before timing.
+views, then a multiply of the clipped units) and timm.utils.adaptive_clip_grad (one norm + where per
+parameter). Their results are checked equal before timing. The random gradients make every unit clip: the
+worst case for the multiply (in training few units clip, see README Results).
 
 `pn`: forward+backward of one norm+activation layer at an activation shape, GN vs GN+PN (the library's
 GroupNormAct), and the two parts of PN's extra cost: the proxy statistics (C x 200 values, independent of

@@ -72,6 +72,11 @@ def create_act(name: str | None, inplace: bool = False) -> nn.Module:
     return nn.Identity()
 
 
+# Activations whose autograd saves only their input (not their output) and which return a new tensor: their
+# output may be scaled in place. Not relu/tanh/sigmoid (backward reads the output) nor identity (returns x).
+_SAVES_INPUT_ONLY = frozenset({"gelu", "silu", "elu", "leaky_relu"})
+
+
 class GammaAct(nn.Module):
     """phi(x) * gamma_phi: an activation rescaled to preserve unit variance (NF networks)."""
 
@@ -82,6 +87,10 @@ class GammaAct(nn.Module):
         self.gamma = NF_ACT_GAMMA[self.name] if gamma is None else float(gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name in _SAVES_INPUT_ONLY:
+            # In place on phi(x)'s fresh output (as timm's GammaAct): its backward needs only x, and a fresh
+            # full-size tensor per activation costs an allocation and its page faults on CPU.
+            return self.fn(x).mul_(self.gamma)
         return self.fn(x) * self.gamma
 
     def extra_repr(self) -> str:

@@ -162,7 +162,8 @@ class NFBlock(nn.Module):
         out = self.drop_path(out)
         if self.skip_gain is not None:
             out = out * self.skip_gain
-        return out * self.alpha + shortcut
+        # One fused shortcut + alpha * out (one output tensor instead of two).
+        return torch.add(shortcut, out, alpha=self.alpha)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta:.6f}, transition={self.is_transition}"

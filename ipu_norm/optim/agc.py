@@ -28,6 +28,7 @@ Clipping is applied before weight decay and momentum (the optimizer sees the cli
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -114,17 +115,47 @@ def adaptive_clip_grad_(
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, g in enumerate(grads):  # only builds index lists
         by_device[g.device].append(i)
-    factors: list[torch.Tensor | None] = [None] * len(grads)
-    for idx in by_device.values():
+    for device, idx in by_device.items():
         # All units of all tensors on this device as one flat vector: one where() for the whole model.
         acc = torch.float64 if any(w_norms[i].dtype == torch.float64 for i in idx) else torch.float32
         w = torch.cat([w_norms[i].reshape(-1).to(acc) for i in idx])
         g = torch.cat([g_norms[i].reshape(-1).to(acc) for i in idx])
         max_norm = w.clamp_min(eps) * clip_factor
-        f = torch.where(g > max_norm, max_norm / g.clamp_min(GRAD_NORM_EPS), torch.ones_like(g))
-        for i, fi in zip(idx, f.split([w_norms[i].numel() for i in idx])):
-            factors[i] = fi.view(w_norms[i].shape).to(grads[i].dtype)
-    torch._foreach_mul_(grads, factors)
+        clipped = g > max_norm
+        f = torch.where(clipped, max_norm / g.clamp_min(GRAD_NORM_EPS), torch.ones_like(g))
+        sizes = [w_norms[i].numel() for i in idx]
+        if device.type == "cpu":
+            _scale_clipped_rows_cpu([grads[i] for i in idx], f, clipped, sizes)
+        else:
+            factors = [fi.view(w_norms[i].shape).to(grads[i].dtype) for i, fi in zip(idx, f.split(sizes))]
+            torch._foreach_mul_([grads[i] for i in idx], factors)
+
+
+def _scale_clipped_rows_cpu(grads: list[torch.Tensor], factors: torch.Tensor, clipped: torch.Tensor,
+                            sizes: list[int]) -> None:
+    """Multiply only the clipped units of CPU gradients by their factor (the others' factor is exactly 1).
+
+    Bitwise the same as multiplying every gradient by its factor (x * 1.0 == x), but the multiply is a full
+    read-modify-write pass over the model's gradients while AGC usually clips a small minority of units
+    (NFNet-F0 in the benchmark: ~550 of 112k units, in 35 of 231 tensors); the host reads the per-tensor counts
+    of clipped units with one `.tolist()`, free on CPU. Accelerators keep the single fused multi-tensor multiply
+    instead (no synchronisation).
+    """
+    running = torch.zeros(clipped.numel() + 1, dtype=torch.long)
+    torch.cumsum(clipped, 0, out=running[1:])
+    bounds = torch.tensor([0, *itertools.accumulate(sizes)])
+    counts = (running[bounds[1:]] - running[bounds[:-1]]).tolist()
+    start = 0
+    for grad, units, count in zip(grads, sizes, counts):
+        if count:
+            f = factors[start:start + units].to(grad.dtype)
+            if count == units or not grad.is_contiguous():
+                grad.mul_(f.view((-1,) + (1,) * (grad.ndim - 1)) if grad.ndim > 1 else f.view(()))
+            else:
+                rows = clipped[start:start + units].nonzero().squeeze(1)
+                g2 = grad.view(units, -1)
+                g2.index_copy_(0, rows, g2.index_select(0, rows).mul_(f[rows].unsqueeze(1)))
+        start += units
 
 
 def agc_parameters(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[nn.Parameter]:
