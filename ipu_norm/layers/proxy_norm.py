@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
+from ipu_norm.ops.pn_act_cpu import fused_pn_act_applies, fused_pn_act_backward, fused_pn_act_forward
 from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, act_vjp, proxy_stats, running_on_ipu
 
 DEFAULT_PROXY_EPS = 0.03
@@ -210,9 +211,13 @@ class _ProxyNormActFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str) -> torch.Tensor:  # noqa: ANN001
-        # In place on phi(u)'s fresh tensor: a broadcasting out-of-place addcmul is several times slower on CPU.
-        z = ACT_FNS[act](u)
-        out = (z.clone() if z is u else z).mul_(scale).add_(shift)  # never write into u itself (identity)
+        ctx.fused = fused_pn_act_applies(u, act)
+        if ctx.fused:
+            out = fused_pn_act_forward(u, scale, shift, act)  # SiLU/GELU on CPU: one pass (ipu_norm.ops.pn_act_cpu)
+        else:
+            # In place on phi(u)'s fresh tensor: a broadcasting out-of-place addcmul is several times slower on CPU.
+            z = ACT_FNS[act](u)
+            out = (z.clone() if z is u else z).mul_(scale).add_(shift)  # never write into u itself (identity)
         ctx.act = act
         ctx.save_for_backward(out if act == "relu" else u, scale, shift)
         return out
@@ -225,6 +230,9 @@ class _ProxyNormActFn(torch.autograd.Function):
             # ATen's threshold_backward: grad where centred > 0 else 0 (several times faster than torch.where).
             grad_u = torch.ops.aten.threshold_backward(grad_out * scale, centred, 0)
             grad_scale = _reduce_to_channel(grad_out * centred) / scale
+        elif ctx.fused and grad_out.dtype == saved.dtype:
+            grad_u, grad_scale, grad_shift = fused_pn_act_backward(grad_out, saved, scale, ctx.act)
+            return grad_u, grad_scale.view(scale.shape), grad_shift.view(shift.shape), None
         else:
             # In-place products on the two fresh tensors: full-size allocations cost page faults on CPU.
             grad_u = act_vjp(grad_out, saved, ctx.act).mul_(scale)
