@@ -126,6 +126,26 @@ def test_checkpointed_segments_reuse_the_batched_stats() -> None:
     assert _count_stats_calls(model, x, batched=False, backward=True) == 2 * n_layers - 2  # + recompute, not stem/head
 
 
+def test_reentrant_checkpoint_gets_the_same_gradients() -> None:
+    """torch.utils.checkpoint(use_reentrant=True) runs its own backward on the recompute: exact grads, no error."""
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+
+    model = _perturb(_models()["resnet_gn+pn"].double())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    ref = _out_and_grads(model, x, False)
+
+    class Reentrant(nn.Module):
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.block, t, use_reentrant=True)
+
+    model.blocks = nn.Sequential(*(Reentrant(b) for b in model.blocks))
+    _assert_same(_out_and_grads(model, x, True), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_stats_after_backward_are_not_reused_with_gradients() -> None:
     """A layer called on its own after the model's backward computes fresh statistics (no freed graph)."""
     model = _perturb(_models()["resnet_gn+pn"])

@@ -74,10 +74,11 @@ class _StatsEntry:
     during backward, uses them and sends its gradients through the one batched backward).
     """
 
-    __slots__ = ("scale", "shift", "key", "spent")
+    __slots__ = ("scale", "shift", "key", "spent", "used_without_grad")
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, key: tuple, spent: list[bool]) -> None:
         self.scale, self.shift, self.key, self.spent = scale, shift, key, spent
+        self.used_without_grad = False
 
 
 # layer -> its _StatsEntry. Kept off the module so that copy.deepcopy (EMA) and pickling never see graph tensors.
@@ -109,8 +110,12 @@ class ProxyStatsMixin:
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             # Needs the statistics' graph: only from a batch computed with gradients whose backward has not run.
-            if entry.spent[0] or not entry.scale.requires_grad:
+            # Not after a no-grad use of that batch either: that was the forward of a reentrant checkpoint, whose
+            # recompute (now) runs its own backward, which must not reach into the shared batched graph.
+            if entry.spent[0] or not entry.scale.requires_grad or entry.used_without_grad:
                 return None
+        elif entry.scale.requires_grad:
+            entry.used_without_grad = True
         return entry.scale, entry.shift
 
     def proxy_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +145,7 @@ _LAYERS: weakref.WeakKeyDictionary[nn.Module, list[ProxyStatsMixin]] = weakref.W
 def _proxy_layers(root: nn.Module) -> list[ProxyStatsMixin]:
     layers = _LAYERS.get(root)
     if layers is None:
-        layers = [m for m in root.modules() if isinstance(m, ProxyStatsMixin)]
+        layers = [m for m in root.modules() if isinstance(m, ProxyStatsMixin) and m._proxy_spec() is not None]
         _LAYERS[root] = layers
     return layers
 
@@ -155,11 +160,12 @@ def prepare_proxy_stats(root: nn.Module) -> None:
     traces (the IPU op is per layer and pipeline stages live on different IPUs), under torch.compile, and
     inside `proxy_stats_batching(False)`.
     """
-    if not _batching_active():
+    layers = _proxy_layers(root)
+    if not layers or not _batching_active():
         return
     grad = torch.is_grad_enabled()
     groups: dict[tuple, list[tuple[ProxyStatsMixin, tuple[torch.Tensor, ...], tuple]]] = {}
-    for m in _proxy_layers(root):
+    for m in layers:
         spec = m._proxy_spec()
         if spec is None:
             continue
