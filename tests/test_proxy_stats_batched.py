@@ -186,6 +186,20 @@ def test_eval_cache_until_a_parameter_changes() -> None:
     assert not torch.allclose(before, after)
 
 
+def test_clear_after_a_write_through_data() -> None:
+    from ipu_norm.layers.proxy_norm import clear_proxy_stats  # noqa: PLC0415
+
+    model = _perturb(_models()["mixed_acts"]).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        model.blocks[0][1].proxy_weight.data.add_(1.0)  # .data: no version bump, the cache cannot see it
+        clear_proxy_stats(model)
+        out = model(x)
+        with proxy_stats_batching(False):
+            torch.testing.assert_close(out, model(x))
+
+
 def test_stats_follow_a_device_or_dtype_move() -> None:
     model = _perturb(_models()["mixed_acts"]).eval()
     x = torch.randn(1, 3, 8, 8)

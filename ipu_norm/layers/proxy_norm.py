@@ -150,6 +150,16 @@ def _proxy_layers(root: nn.Module) -> list[ProxyStatsMixin]:
     return layers
 
 
+def clear_proxy_stats(root: nn.Module) -> None:
+    """Drop the cached statistics of the PN layers under `root`.
+
+    Only needed after writing parameters in a way that bypasses their version counter (``p.data.copy_(...)``):
+    optimizers, EMA, ``load_state_dict`` and ``.to()`` are detected by themselves.
+    """
+    for m in root.modules():
+        _ENTRIES.pop(m, None)
+
+
 def prepare_proxy_stats(root: nn.Module) -> None:
     """Compute the proxy statistics of every PN layer under `root` in one batched call per group.
 
