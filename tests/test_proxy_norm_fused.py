@@ -144,6 +144,31 @@ def test_c_kernel_gradcheck_and_memory(act: str, one_thread) -> None:  # noqa: A
     assert sizes["gn+pn"] <= sizes["gn"] * 1.01
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_relu_shift_c_kernel_matches_the_aten_path(dtype: torch.dtype, one_thread, monkeypatch) -> None:  # noqa: ANN001
+    import ipu_norm.layers.proxy_norm as pn  # noqa: PLC0415
+    from ipu_norm.layers.proxy_norm import _ReluShiftFn  # noqa: PLC0415
+
+    _kernel_or_skip()
+    u = torch.randn(4, 6, 5, 7, dtype=dtype)
+    u[0, 0, 0, :3] = 0.0  # the kink: relu'(0) = 0 on both paths
+    u.requires_grad_()
+    t = torch.randn(6, dtype=dtype, requires_grad=True)
+    g = torch.randn(4, 6, 5, 7, dtype=dtype)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out = _ReluShiftFn.apply(u, _channel_view(t, u))
+        return (out, *torch.autograd.grad(out, (u, t), g))
+
+    assert pn.fused_pn_act_applies(u, "relu_shift")
+    kernel = run()
+    monkeypatch.setattr(pn, "fused_pn_act_applies", lambda *a: False)
+    aten = run()
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for a, b in zip(kernel, aten):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_c_kernel_falls_back_to_aten(one_thread, monkeypatch) -> None:  # noqa: ANN001
     from ipu_norm.ops import pn_act_cpu  # noqa: PLC0415
 

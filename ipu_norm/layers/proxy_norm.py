@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
-from ipu_norm.ops.pn_act_cpu import fused_pn_act_applies, fused_pn_act_backward, fused_pn_act_forward
+from ipu_norm.ops.pn_act_cpu import (
+    fused_pn_act_applies,
+    fused_pn_act_backward,
+    fused_pn_act_forward,
+    fused_relu_shift_backward,
+    fused_relu_shift_forward,
+)
 from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, act_vjp, proxy_stats, running_on_ipu
 
 DEFAULT_PROXY_EPS = 0.03
@@ -261,13 +267,18 @@ class _ReluShiftFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        out = torch.relu(u).add_(shift)
+        ctx.fused = fused_pn_act_applies(u, "relu_shift")
+        # One pass on CPU (ipu_norm.ops.pn_act_cpu), else in place on relu's fresh tensor.
+        out = fused_relu_shift_forward(u, shift) if ctx.fused else torch.relu(u).add_(shift)
         ctx.save_for_backward(out, shift)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
         out, shift = ctx.saved_tensors
+        if ctx.fused:
+            grad_u, grad_shift = fused_relu_shift_backward(grad_out, out, shift)
+            return grad_u, grad_shift.view(shift.shape)
         # relu'(u) = [out > shift]; ATen's threshold_backward is several times faster than torch.where on CPU.
         return torch.ops.aten.threshold_backward(grad_out, out - shift, 0), _reduce_to_channel(grad_out)
 

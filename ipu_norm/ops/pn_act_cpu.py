@@ -2,7 +2,8 @@
 
 - PN-Act (csrc/pn_act_cpu.c): out = phi(u) * scale + shift in one pass, and in backward grad_u,
   sum(grad_out * phi(u)) and sum(grad_out) per channel in one pass (the ATen path takes three passes forward
-  and six backward, each on a fresh full-size tensor). Used with one intra-op thread only (see below).
+  and six backward, each on a fresh full-size tensor); likewise relu(u) + shift, the ReLU PN-Act once the PN
+  scale is folded into GroupNorm. Used with one intra-op thread only (see below).
 - Proxy statistics (csrc/proxy_stats_cpu.c): the CPU implementation of the ``ipu_norm::proxy_stats`` op and
   its backward op, one (n,) row at a time (6-9x faster than the ATen implementation on EfficientNet-B0's
   19,200 batched channels, single-threaded; used at any thread count).
@@ -80,6 +81,8 @@ def _lib() -> ctypes.CDLL | None:
     for suffix in ("f32", "f64"):
         getattr(lib, f"pn_act_forward_{suffix}").argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int] * 2
         getattr(lib, f"pn_act_backward_{suffix}").argtypes = [ptr] * 6 + [i64] * 3 + [ctypes.c_int] * 2
+        getattr(lib, f"relu_shift_forward_{suffix}").argtypes = [ptr] * 3 + [i64] * 3
+        getattr(lib, f"relu_shift_backward_{suffix}").argtypes = [ptr] * 5 + [i64] * 3
         fwd, bwd = getattr(lib, f"proxy_stats_forward_{suffix}"), getattr(lib, f"proxy_stats_backward_{suffix}")
         fwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 6
         bwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 10
@@ -88,11 +91,14 @@ def _lib() -> ctypes.CDLL | None:
 
 
 def fused_pn_act_applies(u: torch.Tensor, act: str) -> bool:
-    """Whether the fused kernel can run on u (see the module docstring); builds it on first call."""
+    """Whether the fused kernel for act ('silu', 'gelu', or 'relu_shift' for `fused_relu_shift_*`) can run on u.
+
+    See the module docstring; builds the library on first call.
+    """
     if torch.compiler.is_compiling():
         return False  # an opaque ctypes call: torch.compile generates its own fused kernel for the ATen ops
     return (
-        act in _ACT_CODES
+        (act in _ACT_CODES or act == "relu_shift")
         and u.device.type == "cpu"
         and u.dtype in (torch.float32, torch.float64)
         and u.dim() >= 2
@@ -136,6 +142,28 @@ def fused_pn_act_backward(
     )
     sums = sums.to(u.dtype)
     return grad_u, sums[0], sums[1]
+
+
+def fused_relu_shift_forward(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(u) + shift per channel in one pass (the ReLU PN-Act with the PN scale folded into GroupNorm)."""
+    out = torch.empty_like(u)
+    sh = shift.reshape(-1).to(u.dtype).contiguous()
+    getattr(_lib(), f"relu_shift_forward_{_suffix(u)}")(u.data_ptr(), out.data_ptr(), sh.data_ptr(), *_dims(u))
+    return out
+
+
+def fused_relu_shift_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_u, sum grad_out per channel) from the saved output: relu'(u) = [out - shift > 0]."""
+    g = grad_out.to(out.dtype).contiguous()
+    grad_u = torch.empty_like(out)
+    sums = torch.empty(out.shape[1], dtype=torch.float64)
+    sh = shift.reshape(-1).to(out.dtype).contiguous()
+    getattr(_lib(), f"relu_shift_backward_{_suffix(out)}")(
+        g.data_ptr(), out.data_ptr(), grad_u.data_ptr(), sh.data_ptr(), sums.data_ptr(), *_dims(out)
+    )
+    return grad_u, sums.to(out.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -73,3 +73,36 @@ void pn_act_backward_##SUFFIX(const T *g, const T *u, T *grad_u, const T *scale,
 
 DEFINE_KERNELS(float, f32, expf, erff)
 DEFINE_KERNELS(double, f64, exp, erf)
+
+/* ReLU PN-Act once the PN scale is folded into GroupNorm's affine (ipu_norm.layers.proxy_norm.relu_add_shift):
+ *   forward:  out = max(u, 0) + shift[c]
+ *   backward: grad_u = grad_out where out - shift[c] > 0 (else 0, as threshold_backward), gs[c] = sum grad_out
+ * The backward reads the saved output only (the ReLU mask is out > shift). */
+#define DEFINE_RELU_SHIFT(T, SUFFIX)                                                                             \
+void relu_shift_forward_##SUFFIX(const T *u, T *out, const T *shift, int64_t n, int64_t c, int64_t s) {          \
+    for (int64_t p = 0; p < n * c; ++p) {                                                                        \
+        const T sh = shift[p % c];                                                                               \
+        const T *up = u + p * s;                                                                                 \
+        T *op = out + p * s;                                                                                     \
+        for (int64_t i = 0; i < s; ++i) { T x = up[i]; op[i] = (x > 0 ? x : 0) + sh; }                           \
+    }                                                                                                            \
+}                                                                                                                \
+void relu_shift_backward_##SUFFIX(const T *g, const T *out, T *grad_u, const T *shift, double *gs, int64_t n,    \
+                                  int64_t c, int64_t s) {                                                        \
+    for (int64_t ch = 0; ch < c; ++ch) {                                                                         \
+        const T sh = shift[ch];                                                                                  \
+        double acc = 0.0;                                                                                        \
+        for (int64_t b = 0; b < n; ++b) {                                                                        \
+            const int64_t off = (b * c + ch) * s;                                                                \
+            const T *gp = g + off, *op = out + off;                                                              \
+            T *dp = grad_u + off;                                                                                \
+            T pg = 0;                                                                                            \
+            for (int64_t i = 0; i < s; ++i) { T gi = gp[i]; dp[i] = (op[i] - sh > 0) ? gi : 0; pg += gi; }      \
+            acc += (double)pg;                                                                                   \
+        }                                                                                                        \
+        gs[ch] = acc;                                                                                            \
+    }                                                                                                            \
+}
+
+DEFINE_RELU_SHIFT(float, f32)
+DEFINE_RELU_SHIFT(double, f64)
