@@ -252,3 +252,31 @@ def test_load_custom_ops_missing_library(tmp_path) -> None:  # noqa: ANN001
 
     with pytest.raises(FileNotFoundError, match=r"make -C custom_ops"):
         load_custom_ops(tmp_path / "custom_ops.so")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", PROXY_ACTS)
+def test_cpu_kernel_matches_the_aten_implementation(act: str, dtype: torch.dtype, monkeypatch) -> None:
+    """The op's C kernel (ipu_norm.ops.pn_act_cpu) against its ATen implementation, forward and backward op."""
+    from ipu_norm.ops.pn_act_cpu import cpu_proxy_stats_applies  # noqa: PLC0415
+
+    ops = importlib.import_module("ipu_norm.ops.proxy_stats")  # the package re-exports a function of that name
+
+    g = torch.Generator().manual_seed(3)
+    c = 37
+    params = [torch.randn(c, generator=g, dtype=dtype) * 0.7 + (1.0 if i == 0 else 0.0) for i in range(4)]
+    upstream = [torch.randn(c, generator=g, dtype=dtype) for _ in range(2)]
+    if not cpu_proxy_stats_applies(params[0], 200):
+        pytest.skip("the proxy-statistics C kernel could not be built here")
+
+    def both() -> tuple[torch.Tensor, ...]:
+        fwd = torch.ops.ipu_norm.proxy_stats(*params, act, 200)
+        bwd = torch.ops.ipu_norm.proxy_stats_backward(*upstream, *params, act, 200)
+        return (*fwd, *bwd)
+
+    kernel = both()
+    monkeypatch.setitem(ops._CPU_KERNEL, "enabled", False)
+    aten = both()
+    tol = {"rtol": 1e-11, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    for a, b in zip(kernel, aten):
+        torch.testing.assert_close(a, b, **tol)

@@ -27,8 +27,8 @@ from torch import nn
 from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
 from ipu_norm.layers.proxy_norm import (
     DEFAULT_PROXY_EPS,
+    ProxyStatsMixin,
     apply_proxy_norm_act,
-    proxy_affine,
     relu_add_shift,
 )
 from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES
@@ -91,7 +91,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, act={self.act_name}"
 
 
-class GroupNormAct(nn.GroupNorm):
+class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
     """GroupNorm followed by an activation, optionally with Proxy Norm (GN+PN / LN+PN).
 
     weight/bias are GroupNorm's affine, which for proxy=True is the PN affine (gamma, beta);
@@ -121,12 +121,11 @@ class GroupNormAct(nn.GroupNorm):
             self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
             self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
 
-    def proxy_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) of the proxy normalisation for the current parameters (proxy=True only)."""
-        return proxy_affine(
-            self.weight, self.bias, self.proxy_weight, self.proxy_bias,
-            self.act_name, self.proxy_eps, self.num_quantiles,
-        )
+    def _proxy_spec(self) -> tuple[tuple[torch.Tensor, ...], str, float, int] | None:
+        if not self.proxy:
+            return None
+        params = (self.weight, self.bias, self.proxy_weight, self.proxy_bias)
+        return params, self.act_name, self.proxy_eps, self.num_quantiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.proxy:

@@ -1,0 +1,215 @@
+"""CPU C kernels for Proxy Norm, called through ctypes: the fused SiLU/GELU PN-Act and the proxy statistics.
+
+- PN-Act (csrc/pn_act_cpu.c): out = phi(u) * scale + shift in one pass, and in backward grad_u,
+  sum(grad_out * phi(u)) and sum(grad_out) per channel in one pass (the ATen path takes three passes forward
+  and six backward, each on a fresh full-size tensor); likewise relu(u) + shift, the ReLU PN-Act once the PN
+  scale is folded into GroupNorm. Used with one intra-op thread only (see below).
+- Proxy statistics (csrc/proxy_stats_cpu.c): the CPU implementation of the ``ipu_norm::proxy_stats`` op and
+  its backward op, one (n,) row at a time (6-9x faster than the ATen implementation on EfficientNet-B0's
+  19,200 batched channels, single-threaded; used at any thread count).
+
+Built at first use with the system C compiler into a per-user cache directory
+(``IPU_NORM_EXT_DIR``, default ``~/.cache/ipu_norm``), a second or so; set ``IPU_NORM_FUSED_PN_ACT=0`` to
+disable it. Where it cannot be built or does not apply (no compiler, not CPU, not float32/float64, not
+contiguous, more than one intra-op thread: the kernel is single-threaded, ATen's are parallel) callers use
+the ATen path, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SRCS = tuple(Path(__file__).with_name("csrc") / f for f in ("pn_act_cpu.c", "proxy_stats_cpu.c"))
+_ACT_CODES = {"silu": 1, "gelu": 2}
+# -ffast-math lets GCC call glibc's vector expf/erff (libmvec); 512-bit vectors where the CPU has them were
+# ~20% faster than 256-bit here. Part of the cache key.
+_CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC")
+
+
+def _cpu_tag() -> bytes:
+    # -march=native code must not be loaded on another CPU sharing the cache directory (an NFS home).
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return (os.uname().machine + flags).encode()
+
+
+def _build(srcs: tuple[Path, ...], out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs, lib = [Path(tmp) / f"{src.stem}.o" for src in srcs], Path(tmp) / out.name
+        # -ffast-math at compile time only (it lets GCC call libmvec's vector expf/erff); linking with it would add
+        # crtfastmath.o, which switches the whole process to flush-denormals-to-zero on load.
+        for src, obj in zip(srcs, objs):
+            subprocess.run([cc, *_CFLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
+        subprocess.run([cc, "-shared", *map(str, objs), "-o", str(lib), "-lmvec", "-lm"], check=True,
+                       capture_output=True)
+        os.replace(lib, out)  # atomic: concurrent builders (test workers, DDP ranks) never load a partial file
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("IPU_NORM_FUSED_PN_ACT", "1") == "0" or os.name != "posix":
+        return None
+    src = b"".join(f.read_bytes() for f in _SRCS)
+    tag = hashlib.sha256(src + " ".join(_CFLAGS).encode() + _cpu_tag()).hexdigest()[:16]
+    root = Path(os.environ.get("IPU_NORM_EXT_DIR", Path.home() / ".cache" / "ipu_norm"))
+    path = root / f"pn_act_cpu-{tag}.so"
+    try:
+        if not path.exists():
+            _build(_SRCS, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        warnings.warn(f"fused PN-Act C kernel unavailable ({exc}); using the ATen path", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"pn_act_forward_{suffix}").argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int] * 2
+        getattr(lib, f"pn_act_backward_{suffix}").argtypes = [ptr] * 6 + [i64] * 3 + [ctypes.c_int] * 2
+        getattr(lib, f"relu_shift_forward_{suffix}").argtypes = [ptr] * 3 + [i64] * 3
+        getattr(lib, f"relu_shift_backward_{suffix}").argtypes = [ptr] * 5 + [i64] * 3
+        fwd, bwd = getattr(lib, f"proxy_stats_forward_{suffix}"), getattr(lib, f"proxy_stats_backward_{suffix}")
+        fwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 6
+        bwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 10
+        fwd.restype = bwd.restype = ctypes.c_int
+    return lib
+
+
+def fused_pn_act_applies(u: torch.Tensor, act: str) -> bool:
+    """Whether the fused kernel for act ('silu', 'gelu', or 'relu_shift' for `fused_relu_shift_*`) can run on u.
+
+    See the module docstring; builds the library on first call.
+    """
+    if torch.compiler.is_compiling():
+        return False  # an opaque ctypes call: torch.compile generates its own fused kernel for the ATen ops
+    return (
+        (act in _ACT_CODES or act == "relu_shift")
+        and u.device.type == "cpu"
+        and u.dtype in (torch.float32, torch.float64)
+        and u.dim() >= 2
+        and u.is_contiguous()
+        and torch.get_num_threads() == 1
+        and _lib() is not None
+    )
+
+
+def _dims(u: torch.Tensor) -> tuple[int, int, int]:
+    n, c = u.shape[0], u.shape[1]
+    return n, c, u.numel() // max(n * c, 1)
+
+
+def _suffix(u: torch.Tensor) -> str:
+    return "f32" if u.dtype == torch.float32 else "f64"
+
+
+def fused_pn_act_forward(u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str) -> torch.Tensor:
+    """phi(u) * scale + shift per channel (dim 1); u contiguous, scale/shift with C elements in u's dtype."""
+    out = torch.empty_like(u)
+    sc, sh = (t.reshape(-1).to(u.dtype).contiguous() for t in (scale, shift))
+    getattr(_lib(), f"pn_act_forward_{_suffix(u)}")(
+        u.data_ptr(), out.data_ptr(), sc.data_ptr(), sh.data_ptr(), *_dims(u), _ACT_CODES[act], 1
+    )
+    return out
+
+
+def fused_pn_act_backward(
+    grad_out: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_u, sum grad_out * phi(u), sum grad_out): the last two per channel, shape (C,), in u's dtype."""
+    g = grad_out.to(u.dtype).contiguous()
+    grad_u = torch.empty_like(u)
+    n, c, s = _dims(u)
+    sums = torch.empty(2, c, dtype=torch.float64)
+    sc = scale.reshape(-1).to(u.dtype).contiguous()
+    getattr(_lib(), f"pn_act_backward_{_suffix(u)}")(
+        g.data_ptr(), u.data_ptr(), grad_u.data_ptr(), sc.data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(),
+        n, c, s, _ACT_CODES[act], 1,
+    )
+    sums = sums.to(u.dtype)
+    return grad_u, sums[0], sums[1]
+
+
+def fused_relu_shift_forward(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(u) + shift per channel in one pass (the ReLU PN-Act with the PN scale folded into GroupNorm)."""
+    out = torch.empty_like(u)
+    sh = shift.reshape(-1).to(u.dtype).contiguous()
+    getattr(_lib(), f"relu_shift_forward_{_suffix(u)}")(u.data_ptr(), out.data_ptr(), sh.data_ptr(), *_dims(u))
+    return out
+
+
+def fused_relu_shift_backward(
+    grad_out: torch.Tensor, out: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_u, sum grad_out per channel) from the saved output: relu'(u) = [out - shift > 0]."""
+    g = grad_out.to(out.dtype).contiguous()
+    grad_u = torch.empty_like(out)
+    sums = torch.empty(out.shape[1], dtype=torch.float64)
+    sh = shift.reshape(-1).to(out.dtype).contiguous()
+    getattr(_lib(), f"relu_shift_backward_{_suffix(out)}")(
+        g.data_ptr(), out.data_ptr(), grad_u.data_ptr(), sh.data_ptr(), sums.data_ptr(), *_dims(out)
+    )
+    return grad_u, sums.to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Proxy statistics.
+
+_STATS_ACT_CODES = {"relu": 0, "silu": 1, "gelu": 2, "identity": 3}  # ipu_norm.ops.proxy_stats.PROXY_ACTS order
+_STATS_MAX_QUANTILES = 4096  # MAX_N in csrc/proxy_stats_cpu.c
+
+
+def cpu_proxy_stats_applies(gamma: torch.Tensor, num_quantiles: int) -> bool:
+    """Whether the proxy-statistics C kernel can serve the op for these (C,) inputs; builds it on first call."""
+    return (
+        gamma.device.type == "cpu"
+        and gamma.dtype in (torch.float32, torch.float64)
+        and num_quantiles <= _STATS_MAX_QUANTILES
+        and _lib() is not None
+    )
+
+
+def cpu_proxy_stats_forward(
+    act: str, q: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, proxy_gamma: torch.Tensor,
+    proxy_beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, var) per channel of phi over the proxy variable (the ipu_norm::proxy_stats op's math)."""
+    ins = [t.contiguous() for t in (gamma, beta, proxy_gamma, proxy_beta)]
+    mean, var = torch.empty_like(ins[0]), torch.empty_like(ins[0])
+    rc = getattr(_lib(), f"proxy_stats_forward_{_suffix(gamma)}")(
+        _STATS_ACT_CODES[act], q.data_ptr(), q.numel(), ins[0].numel(), *(t.data_ptr() for t in ins),
+        mean.data_ptr(), var.data_ptr(),
+    )
+    if rc:
+        raise RuntimeError(f"proxy_stats C kernel failed ({rc})")
+    return mean, var
+
+
+def cpu_proxy_stats_backward(
+    act: str, q: torch.Tensor, grad_mean: torch.Tensor, grad_var: torch.Tensor, gamma: torch.Tensor,
+    beta: torch.Tensor, proxy_gamma: torch.Tensor, proxy_beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d gamma, d beta, d proxy_gamma, d proxy_beta) of the ipu_norm::proxy_stats_backward op."""
+    ins = [t.contiguous() for t in (gamma, beta, proxy_gamma, proxy_beta, grad_mean, grad_var)]
+    outs = [torch.empty_like(ins[0]) for _ in range(4)]
+    rc = getattr(_lib(), f"proxy_stats_backward_{_suffix(gamma)}")(
+        _STATS_ACT_CODES[act], q.data_ptr(), q.numel(), ins[0].numel(), *(t.data_ptr() for t in ins),
+        *(t.data_ptr() for t in outs),
+    )
+    if rc:
+        raise RuntimeError(f"proxy_stats C kernel failed ({rc})")
+    return tuple(outs)
