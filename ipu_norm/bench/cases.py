@@ -3,9 +3,9 @@
 | group           | ipu_norm rows                                   | timm peer                                   |
 |-----------------|-------------------------------------------------|---------------------------------------------|
 | effnet_b0_bn    | efficientnet_b0 norm=bn                         | efficientnet_b0                             |
-| effnet_b0_gn    | efficientnet_b0 norm=gn+pn, norm=gn             | efficientnet_b0, GroupNormAct(4 groups)     |
+| effnet_b0_gn    | efficientnet_b0 norm=gn+pn, ln+pn, gn           | efficientnet_b0, GroupNormAct(4 groups)     |
 | resnet50_bn     | resnet50 norm=bn                                | resnet50                                    |
-| resnet50_gn     | resnet50 norm=gn+pn, norm=gn                    | resnet50, GroupNorm(4 groups)               |
+| resnet50_gn     | resnet50 norm=gn+pn, ln+pn, gn                  | resnet50, GroupNorm(4 groups)               |
 | nfnet_f0_agc    | nfnet_f0 + AGC, nfnet_f0 without AGC            | dm_nfnet_f0 + timm.utils.adaptive_clip_grad |
 
 timm has no Proxy Norm, so for GN+PN the nearest peer is timm's model with a GroupNorm norm layer (same
@@ -108,6 +108,8 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
             [
                 Variant("ipu_norm efficientnet_b0 gn+pn", "ipu_norm",
                         _ipu("efficientnet_b0", num_classes, norm="gn+pn", **NO_DROP)),
+                Variant("ipu_norm efficientnet_b0 ln+pn", "ipu_norm",
+                        _ipu("efficientnet_b0", num_classes, norm="ln+pn", **NO_DROP)),
                 Variant("ipu_norm efficientnet_b0 gn", "ipu_norm",
                         _ipu("efficientnet_b0", num_classes, norm="gn", **NO_DROP)),
                 Variant(
@@ -123,6 +125,8 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
                 ("ipu_norm efficientnet_b0 gn", "timm efficientnet_b0 gn", "EffNet-B0 GN vs timm GN", ">=1.0"),
             ],
             pn_pair=("ipu_norm efficientnet_b0 gn+pn", "ipu_norm efficientnet_b0 gn"),
+            # LN+PN (the flagship configs/effnet_b0_proxy.yml) against the same GN row.
+            extra_pn_pairs=[("ipu_norm efficientnet_b0 ln+pn", "ipu_norm efficientnet_b0 gn")],
         ),
         Group(
             "resnet50_bn",
@@ -136,6 +140,7 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
             "resnet50_gn",
             [
                 Variant("ipu_norm resnet50 gn+pn", "ipu_norm", _ipu("resnet50", num_classes, norm="gn+pn")),
+                Variant("ipu_norm resnet50 ln+pn", "ipu_norm", _ipu("resnet50", num_classes, norm="ln+pn")),
                 Variant("ipu_norm resnet50 gn", "ipu_norm", _ipu("resnet50", num_classes, norm="gn")),
                 Variant(
                     "timm resnet50 gn", "timm",
@@ -149,6 +154,7 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
                 ("ipu_norm resnet50 gn", "timm resnet50 gn", "ResNet-50 GN vs timm GN", ">=1.0"),
             ],
             pn_pair=("ipu_norm resnet50 gn+pn", "ipu_norm resnet50 gn"),
+            extra_pn_pairs=[("ipu_norm resnet50 ln+pn", "ipu_norm resnet50 gn")],
         ),
         Group(
             "nfnet_f0_agc",
