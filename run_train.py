@@ -26,13 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     from ipu_norm.train.checkpoint import CheckpointError
+    from ipu_norm.train.interrupt import TrainingInterrupted
     from ipu_norm.train.trainer import train
 
     try:
         result = train(cfg, resume=args.resume)
+    except TrainingInterrupted as exc:  # SIGINT/SIGTERM: a checkpoint was written at a step boundary
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) get one
-        # clear line; other runtime errors keep their traceback.
+        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) and a
+        # checkpoint that cannot be written (disk full, read-only) get one clear line; other errors keep their
+        # traceback.
         expected = isinstance(exc, (ValueError, FileNotFoundError, CheckpointError)) or any(
             s in str(exc) for s in ("Poplar SDK", "execution.device")
         )
