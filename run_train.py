@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, resume=args.resume)
     except TrainingInterrupted as exc:  # SIGINT/SIGTERM: a checkpoint was written at a step boundary
-        print(f"interrupted: {exc}", file=sys.stderr)
+        if exc.is_main:  # one line per job, not per rank
+            print(f"interrupted: {exc}", file=sys.stderr)
         return exc.exit_code
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) and a

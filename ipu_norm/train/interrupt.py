@@ -27,8 +27,8 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after writing ``checkpoint`` at optimizer step ``step``."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, is_main: bool = True) -> None:
+        self.signum, self.step, self.checkpoint, self.is_main = signum, step, checkpoint, is_main
         where = f"checkpoint {checkpoint}" if checkpoint is not None else "checkpoint written by rank 0"
         super().__init__(
             f"stopped by {signal.Signals(signum).name} after step {step}; {where}; continue with --resume"

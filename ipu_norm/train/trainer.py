@@ -494,7 +494,9 @@ class Trainer:
             if interrupted:
                 if self._last_saved_step != self.global_step:
                     self.save()
-                raise TrainingInterrupted(stop_request.signum or 0, self.global_step, self.last_checkpoint)
+                raise TrainingInterrupted(
+                    stop_request.signum or 0, self.global_step, self.last_checkpoint, is_main=self.is_main
+                )
             if not last_val or last_val.get("step") != self.global_step:
                 last_val = self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
             if self._last_saved_step != self.global_step:
