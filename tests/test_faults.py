@@ -10,6 +10,7 @@ that wrapper. The default run has one chained test (~5 subprocesses); the thorou
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import PYTHON, ROOT, child_env, finish, run, start, train_cmd
+from procs import PYTHON, ROOT, child_env, finish, run, spawn_gloo, start, train_cmd
 
 from ipu_norm.train.checkpoint import list_checkpoints, load_checkpoint
+from ipu_norm.train.distributed import DistInfo
+from ipu_norm.train.interrupt import StopRequest
 from ipu_norm.train.metrics import read_jsonl
 
 FAULT_INJECT = str(ROOT / "tests" / "fault_inject.py")
@@ -139,6 +142,31 @@ def test_killed_stopped_and_full_disk_run_resumes_bit_for_bit(reference: Path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step 7" in proc.stdout
     assert_same_run(reference, out)
+
+
+def _stop_worker(rank: int, world: int, out: str) -> None:
+    """Rank 1 alone gets SIGTERM at step 3; every rank records the step at which should_stop says yes."""
+    req = StopRequest()
+    req.install()
+    dist = DistInfo(enabled=True, rank=rank, world_size=world, local_rank=rank)
+    try:
+        for step in range(1, 10):
+            if rank == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if req.should_stop(dist):
+                break
+    finally:
+        req.uninstall()
+    torch.save({"step": step, "signum": int(req.signum or 0)}, f"{out}.{rank}")
+
+
+@pytest.mark.distributed
+def test_ranks_agree_on_the_stop_step(tmp_path: Path) -> None:
+    """A signal that reaches one rank stops every rank after the same step (no rank left in a collective)."""
+    out = str(tmp_path / "stop")
+    spawn_gloo(_stop_worker, (out,), tmp_path)
+    got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    assert got == [{"step": 3, "signum": signal.SIGTERM}] * 2
 
 
 # ----------------------------------------------------------------------------------------------------- slow

@@ -64,7 +64,8 @@ class StopRequest:
         """Restore the handlers that were active before ``install``."""
         while self._previous:
             s, handler = self._previous.popitem()
-            signal.signal(s, handler)
+            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
+                signal.signal(s, handler)
 
     def should_stop(self, dist: DistInfo) -> bool:
         """True when this process (or, under torchrun, any rank) got a signal. Collective when distributed."""
@@ -75,5 +76,7 @@ class StopRequest:
             [float(self.signum == signal.SIGINT), float(self.signum == signal.SIGTERM)], dist
         )
         if self.signum is None and (got_int or got_term):
-            self.signum = signal.SIGTERM if got_term else signal.SIGINT
-        return self.signum is not None
+            self.signum = int(signal.SIGTERM if got_term else signal.SIGINT)
+        # Decide on the reduced values only: a signal that lands on this rank after it contributed its flag is
+        # counted at the next step, by every rank alike (deciding on self.signum here could split the ranks).
+        return bool(got_int or got_term)
