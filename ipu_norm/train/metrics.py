@@ -53,9 +53,12 @@ class MetricsLogger:
         self.csv_path = self.run_dir / "metrics.csv"
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
-                with self.csv_path.open("w", newline="") as f:
-                    csv.writer(f).writerow(CSV_FIELDS)
+            self._csv_header()
+
+    def _csv_header(self) -> None:
+        if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
+            with self.csv_path.open("w", newline="") as f:
+                csv.writer(f).writerow(CSV_FIELDS)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Write one record (a flat mapping; keys outside CSV_FIELDS go to the JSON line only)."""
@@ -85,6 +88,7 @@ class MetricsLogger:
             size = offsets.get(p.name)
             if size is not None and p.exists() and p.stat().st_size > size:
                 os.truncate(p, size)
+        self._csv_header()
 
 
 def _plain(v: Any) -> Any:

@@ -287,6 +287,7 @@ class Trainer:
                 if resume != "latest":
                     raise CheckpointError(f"--resume {resume}: no usable checkpoint in {where}")
                 self.log(f"NOTE: --resume: no usable checkpoint in {where}; starting from scratch")
+                self._metrics_offsets = {"metrics.jsonl": 0, "metrics.csv": 0}  # rows of steps done again
                 return
             path, state = found
         else:
