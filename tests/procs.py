@@ -9,11 +9,12 @@ Every test that starts processes goes through these helpers, which apply the sam
   machine two workers with the default thread pools oversubscribe the cores many times over.
 - Timeouts everywhere (process-group operations, joining the workers, subprocesses), so a hang becomes a failure
   with a message instead of a stuck test run.
-- Deterministic teardown: a worker leaves ``fn`` only once *every* rank has finished all its collectives (a
-  handshake through the store, not through gloo), and only then destroys the process group and exits. Without
-  it, a rank that finished first tore down gloo and exited while its peer was still in its own teardown; the
-  peer then occasionally died with "terminate called without an active exception" (SIGABRT, see
-  ``test_distributed.py``).
+- Deterministic teardown: after ``fn`` a worker waits until *every* rank has finished all its collectives (a
+  handshake through the store, not through gloo), destroys the process group and leaves with ``os._exit(0)``
+  without finalizing the interpreter. Once DDP has used it, a gloo process group outlives
+  ``destroy_process_group`` (its threads run until the process ends), and a normal interpreter shutdown
+  racing those threads occasionally killed a worker with "terminate called without an active exception"
+  (SIGABRT: the flake of ``test_distributed.py``, reproduced 4 times in 60 runs on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def _gloo_entry(rank: int, fn: Callable[..., None], world: int, rdzv: str, timeo
         store.wait(["all_finished"], timeout)
     finally:
         dist.destroy_process_group()
+    # After DDP has used it, the gloo process group outlives destroy_process_group (its worker and I/O threads
+    # keep running until the process ends). A normal interpreter shutdown then races those threads: one that
+    # still needs the GIL while the interpreter finalizes is torn down inside C++ code, and the process dies
+    # with "terminate called without an active exception" (SIGABRT). The work is done and its files are
+    # closed, so leave without finalizing the interpreter.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_gloo(fn: Callable[..., None], args: Sequence[Any], tmp_dir: Path, nprocs: int = 2,
