@@ -287,3 +287,14 @@ def test_sigterm_at_an_epoch_end_validates_checkpoints_and_resumes_bitwise(tmp_p
         return [{k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(run / "metrics.jsonl")]
 
     assert rows(full.run_dir) == rows(part) and sum(r["kind"] == "val" for r in rows(part)) == 2
+
+
+def test_resuming_a_finished_run_logs_nothing_new(tmp_path: Path) -> None:
+    """A process killed after its final checkpoint: --resume has nothing to train and must not validate again."""
+    run = tmp_path / "run"
+    cfg = _tiny_cfg(run, **{"train.epochs": 1})
+    first = train(cfg, log=lambda _: None)
+    rows = (run / "metrics.jsonl").read_text()
+    again = train(cfg, resume="latest", log=lambda _: None)
+    assert (run / "metrics.jsonl").read_text() == rows  # no second validation row of the last step
+    assert again.global_step == first.global_step == 8 and again.final_metrics == first.final_metrics

@@ -250,6 +250,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._last_saved_step = -1
         self._metrics_offsets: dict[str, int] | None = None  # what this run dir had logged at the resumed checkpoint
+        self._last_validation: dict[str, Any] = {}  # the newest validation record (saved in checkpoints)
         if resume is not None:
             self._resume(resume)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
@@ -321,6 +322,7 @@ class Trainer:
         self._last_saved_step = self.global_step
         if path.parent.resolve() == self.ckpt_dir.resolve():
             self._metrics_offsets = state.get("metrics_offsets")
+        self._last_validation = dict(state.get("last_validation") or {})
         self.log(
             f"resumed from {path}: step {self.global_step}, epoch {self.epoch}, "
             f"micro-batch {self.batch_in_epoch} of the epoch"
@@ -348,6 +350,7 @@ class Trainer:
                 },
                 "sampler": self.sampler.state_dict(),
                 "metrics_offsets": self.metrics.offsets(),
+                "last_validation": self._last_validation,
                 "world_size": self.dist.world_size,
                 "config": config_to_dict(self.cfg),
             }
@@ -409,7 +412,7 @@ class Trainer:
         """Train to ``train.epochs`` (or ``train.max_steps``); validate, log and checkpoint on the way."""
         t = self.cfg.train
         max_steps = t.max_steps
-        last_val: dict[str, float] = {}
+        last_val: dict[str, Any] = self._last_validation  # restored on resume: a finished run is not re-validated
         stop = max_steps is not None and self.global_step >= max_steps
         interrupted = False  # SIGINT/SIGTERM: checkpoint at the next step boundary, then TrainingInterrupted
         stop_request = StopRequest()
@@ -511,6 +514,7 @@ class Trainer:
         metrics = self.evaluate()
         record = {"kind": "val", "epoch": epoch, "step": self.global_step, **metrics, "time_s": time.time()}
         self.metrics.log(record)
+        self._last_validation = record
         msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         self.log(f"validation after epoch {epoch} (step {self.global_step}): {msg}")
         return record
