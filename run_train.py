@@ -31,13 +31,19 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg)
     from ipu_norm.train.checkpoint import CheckpointError
     from ipu_norm.train.finetune import train_and_finetune
+    from ipu_norm.train.interrupt import TrainingInterrupted
     from ipu_norm.train.trainer import NonFiniteTrainingError
 
     try:
         result = train_and_finetune(cfg, resume=args.resume, finetune_from=args.finetune_from)
+    except TrainingInterrupted as exc:  # SIGINT/SIGTERM: a checkpoint was written at a step boundary
+        if exc.is_main:  # one line per job, not per rank
+            print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (RuntimeError, ValueError, FileNotFoundError, NonFiniteTrainingError) as exc:
-        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes) and a
-        # training stopped by persistent non-finite losses get one clear line; other errors keep their traceback.
+        # Start-up problems (missing SDK, bad dataset path, unusable checkpoint, inconsistent batch sizes), a
+        # checkpoint that cannot be written (disk full, read-only) and a training stopped by persistent non-finite
+        # losses get one clear line; other errors keep their traceback.
         expected = isinstance(exc, (ValueError, FileNotFoundError, CheckpointError, NonFiniteTrainingError)) or any(
             s in str(exc) for s in ("Poplar SDK", "execution.device")
         )

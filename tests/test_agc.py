@@ -4,13 +4,13 @@ gradient accumulation, GradScaler call order and DDP (clip after the all-reduce)
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from procs import spawn_gloo
 from torch import nn
 
 from ipu_norm.optim.agc import AGC, adaptive_clip_grad_, agc_parameters, unitwise_norm
@@ -293,10 +293,7 @@ def test_grad_scaler_unscale_before_clip() -> None:
 # AGC after that clips the global gradient, identically on every rank.
 # --------------------------------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     model = nn.parallel.DistributedDataParallel(_toy())
     agc = AGC(model.module.parameters(), clip_factor=0.01)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -309,7 +306,6 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     agc.clip_()
     torch.save({"clipped": [p.grad.clone() for p in model.parameters()], "data": micro},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -317,12 +313,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_ddp_clip_after_allreduce() -> None:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo unavailable")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     world = 2
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(world, port, out_dir), nprocs=world, join=True)
+        spawn_gloo(_ddp_worker, (out_dir,), Path(out_dir), nprocs=world)
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     # Identical on every rank.
     for a, b in zip(results[0]["clipped"], results[1]["clipped"]):

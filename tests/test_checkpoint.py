@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import signal
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,9 @@ from ipu_norm.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from ipu_norm.train.distributed import DistInfo
+from ipu_norm.train.interrupt import StopRequest, TrainingInterrupted
+from ipu_norm.train.metrics import read_jsonl
 from ipu_norm.train.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -162,3 +170,131 @@ def test_resume_latest_skips_truncated_checkpoint(tmp_path: Path) -> None:
     assert any("skipping bad checkpoint" in m and "ckpt_step000000006" in m for m in messages)
     assert any("resumed from" in m and "ckpt_step000000003" in m for m in messages)
     assert result.global_step == 8
+
+
+# ------------------------------------------------------------------------------------- write errors, signals
+
+
+def _faulty_fdopen(real, err: int):  # noqa: ANN001, ANN202
+    """os.fdopen whose files fail every write with OSError(err), as a full disk does."""
+
+    class Faulty:
+        def __init__(self, f) -> None:  # noqa: ANN001
+            self._f = f
+
+        def write(self, data) -> int:  # noqa: ANN001
+            raise OSError(err, os.strerror(err))
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self._f, name)
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc) -> None:  # noqa: ANN002
+            self._f.close()
+
+    return lambda fd, *a, **k: Faulty(real(fd, *a, **k))
+
+
+@pytest.mark.parametrize("where", ["mkstemp", "write", "fsync", "replace"])
+def test_write_error_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch, where: str) -> None:
+    for step in (1, 2):
+        save_checkpoint(_state(step), tmp_path, step, keep=2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    err = {"mkstemp": errno.EROFS, "write": errno.ENOSPC, "fsync": errno.EIO, "replace": errno.EROFS}[where]
+
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(err, os.strerror(err))
+
+    if where == "mkstemp":
+        monkeypatch.setattr(tempfile, "mkstemp", fail)
+    elif where == "write":
+        monkeypatch.setattr(os, "fdopen", _faulty_fdopen(os.fdopen, err))
+    else:
+        monkeypatch.setattr(os, where, fail)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(_state(3), tmp_path, 3, keep=2)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg == (
+        f"cannot write checkpoint {tmp_path / 'ckpt_step000000003.pt'}: {os.strerror(err)} "
+        f"({errno.errorcode[err]}); the last good checkpoint {tmp_path / 'ckpt_step000000002.pt'} is kept"
+    )
+    # Nothing changed on disk: both checkpoints byte for byte, no temporary file.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_latest_good(tmp_path)[1]["progress"]["global_step"] == 2
+
+
+def test_unwritable_directory_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """A real OS error (no monkeypatching): the checkpoint directory's parent is a regular file."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*file/ckpt/ckpt_step000000001\.pt: Not a "
+                       r"directory \(ENOTDIR\); no earlier checkpoint exists"):
+        save_checkpoint(_state(1), tmp_path / "file" / "ckpt", 1, keep=2)
+
+
+def test_stale_temporary_files_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    save_checkpoint(_state(1), tmp_path, 1, keep=2)
+    stale = tmp_path / ".ckpt_step000000002.pt.abc123.tmp"  # what a writer killed mid-write leaves
+    stale.write_bytes(b"partial")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_step000000001.pt"]
+    save_checkpoint(_state(2), tmp_path, 2, keep=2)
+    assert not stale.exists()
+
+
+def test_stop_request_turns_signals_into_a_flag() -> None:
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    req = StopRequest()
+    req.install()
+    try:
+        assert not req.should_stop(DistInfo())
+        os.kill(os.getpid(), signal.SIGTERM)  # the process is not terminated: the handler records it
+        assert req.should_stop(DistInfo()) and req.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # after the first SIGINT a second one interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert req.signum == signal.SIGINT
+    finally:
+        req.uninstall()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
+
+
+def test_sigterm_at_an_epoch_end_validates_checkpoints_and_resumes_bitwise(tmp_path: Path) -> None:
+    """Stopped by SIGTERM at the epoch's last step: the epoch's validation runs before the checkpoint, so the
+    resumed run's metrics and weights equal the uninterrupted run's."""
+    full = train(_tiny_cfg(tmp_path / "full"), log=lambda _: None)
+
+    def log(msg: str) -> None:
+        if msg.startswith("epoch 0 step 8/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted) as info:
+        train(_tiny_cfg(part), log=log)
+    assert (info.value.step, info.value.exit_code) == (8, 143)
+    assert info.value.checkpoint == part / "checkpoints" / "ckpt_step000000008.pt"
+    assert not (part / "final_metrics.json").exists()
+    train(_tiny_cfg(part), resume="latest", log=lambda _: None)
+    a, b = _final_state(full.run_dir), _final_state(part)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+    def rows(run: Path) -> list[dict]:
+        volatile = ("time_s", "img_per_s")
+        return [{k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(run / "metrics.jsonl")]
+
+    assert rows(full.run_dir) == rows(part) and sum(r["kind"] == "val" for r in rows(part)) == 2
+
+
+def test_resuming_a_finished_run_logs_nothing_new(tmp_path: Path) -> None:
+    """A process killed after its final checkpoint: --resume has nothing to train and must not validate again."""
+    run = tmp_path / "run"
+    cfg = _tiny_cfg(run, **{"train.epochs": 1})
+    first = train(cfg, log=lambda _: None)
+    rows = (run / "metrics.jsonl").read_text()
+    again = train(cfg, resume="latest", log=lambda _: None)
+    assert (run / "metrics.jsonl").read_text() == rows  # no second validation row of the last step
+    assert again.global_step == first.global_step == 8 and again.final_metrics == first.final_metrics

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from procs import PYTHON, ROOT, run, spawn_gloo
 from torch import nn
 
 from ipu_norm.train.backend import TorchBackend, TrainSpec
@@ -20,7 +17,6 @@ pytestmark = pytest.mark.distributed
 
 MICRO = 3
 STEPS = 3
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class TinyGN(nn.Module):
@@ -65,24 +61,21 @@ def _run(dist: DistInfo, agc: float | None, accum: int) -> dict[str, torch.Tenso
 CASES = [(None, 1), (0.01, 2)]  # (AGC clip, micro-batches per rank)
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        dist = DistInfo(enabled=True, rank=rank, world_size=world, local_rank=rank)
-        for i, (agc, accum) in enumerate(CASES):
-            torch.save(_run(dist, agc, accum), f"{out}.{i}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    dist = DistInfo(enabled=True, rank=rank, world_size=world, local_rank=rank)
+    for i, (agc, accum) in enumerate(CASES):
+        torch.save(_run(dist, agc, accum), f"{out}.{i}.{rank}")
 
 
 def test_ddp_two_processes_equal_single_process_accumulation(tmp_path: Path) -> None:
     """2 processes x `accum` micro-batches == 1 process x 2*`accum` micro-batches (SGD momentum, wd, AGC).
 
-    Both cases run in one pair of spawned processes to keep the test short.
+    Both cases run in one pair of spawned processes to keep the test short. ``spawn_gloo`` (tests/procs.py)
+    gives the workers a file rendezvous, one thread each, timeouts and a teardown that waits for all ranks:
+    this test used to fail now and then with "process 0 terminated with signal SIGABRT" at teardown.
     """
     out = str(tmp_path / "state")
-    mp.start_processes(_worker, args=(2, str(tmp_path / "rdzv"), out), nprocs=2, join=True, start_method="spawn")
+    spawn_gloo(_worker, (out,), tmp_path)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -108,9 +101,9 @@ def test_ddp_two_processes_equal_single_process_accumulation(tmp_path: Path) -> 
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
     """``torchrun --nproc_per_node=2 run_train.py`` trains and resumes; only rank 0 writes the run directory."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: torchrun's own rendezvous binds a free port itself (no port picked by the test).
     cmd = [
-        sys.executable,
+        PYTHON,
         "-m",
         "torch.distributed.run",
         "--standalone",
@@ -125,7 +118,7 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
         "--set",
         "train.global_batch_size=16",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "global batch 16 = micro 4 x accum 2 x 2" in proc.stdout
     assert proc.stdout.count("done:") == 1  # only rank 0 prints
@@ -133,7 +126,7 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
     assert (out / "metrics.jsonl").read_text().count('"kind": "train"') == 3
     # Resume with 2 processes: each rank restores its own RNG streams; training continues to step 5.
     cmd = [c if c != "3" else "5" for c in cmd] + ["--resume"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step 3" in proc.stdout and "re-seeded" not in proc.stdout
     assert '"step": 5' in (out / "metrics.jsonl").read_text()

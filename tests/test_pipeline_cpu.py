@@ -3,13 +3,12 @@ processes give the same loss and gradients as one process accumulating the same 
 
 import copy
 import os
-import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from procs import spawn_gloo
 from torch import nn
 
 from ipu_norm.ipu.plan import build_plan
@@ -130,47 +129,35 @@ def test_layout() -> None:
 # ------------------------------------------------------------------------------------------------ multi-process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, mode: str, out_dir: str) -> None:
+    """One rank's results; the process group is set up and torn down by spawn_gloo (tests/procs.py)."""
+    from ipu_norm.parallel import ParallelRunner
 
-
-def _worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from ipu_norm.parallel import ParallelRunner
-
-        results = {}
-        for variant in (["gpipe", "1f1b"] if mode == "pipeline" else ["ddp"]):
-            torch.manual_seed(0)
-            model = TinyGN()
-            mbs = data()
-            if mode == "pipeline":
-                # gpipe also recomputes every block, so checkpointing is exercised across processes.
-                ex = {"pipeline_splits": ["blocks.2"], "pipeline_schedule": variant,
-                      "recompute": "auto" if variant == "gpipe" else "none"}
-                plan = make_plan(ex)
-                mine = mbs
-            else:
-                plan = make_plan({}, replicas=2)
-                mine = mbs[rank * 2:(rank + 1) * 2]  # each replica gets its own half of the global batch
-            runner = ParallelRunner(model, plan, nn.functional.cross_entropy)
-            loss = runner.forward_backward(mine)
-            names = {id(p): n for n, p in model.named_parameters()}
-            grads = {names[id(p)]: p.grad.clone() for p in runner.parameters()}
-            results[variant] = (loss, grads)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for variant in (["gpipe", "1f1b"] if mode == "pipeline" else ["ddp"]):
+        torch.manual_seed(0)
+        model = TinyGN()
+        mbs = data()
+        if mode == "pipeline":
+            # gpipe also recomputes every block, so checkpointing is exercised across processes.
+            ex = {"pipeline_splits": ["blocks.2"], "pipeline_schedule": variant,
+                  "recompute": "auto" if variant == "gpipe" else "none"}
+            plan = make_plan(ex)
+            mine = mbs
+        else:
+            plan = make_plan({}, replicas=2)
+            mine = mbs[rank * 2:(rank + 1) * 2]  # each replica gets its own half of the global batch
+        runner = ParallelRunner(model, plan, nn.functional.cross_entropy)
+        loss = runner.forward_backward(mine)
+        names = {id(p): n for n, p in model.named_parameters()}
+        grads = {names[id(p)]: p.grad.clone() for p in runner.parameters()}
+        results[variant] = (loss, grads)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(mode: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), mode, d), nprocs=2, join=True)
+        spawn_gloo(_worker, (mode, d), Path(d))
         return {r: torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)}
 
 

@@ -8,11 +8,18 @@ resolved config as a plain dict.
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and fsync'ed,
 then ``os.replace``'d onto its final name (and the directory fsync'ed), so a crash leaves either the old
-set of checkpoints or the new one, never a half-written file under a checkpoint name.
+set of checkpoints or the new one, never a half-written file under a checkpoint name. The temporary file of a
+write that was killed (SIGKILL, power loss) is removed by the next successful write.
+
+A write that fails (disk full, read-only or missing directory) raises one ``CheckpointError`` naming the path
+and the OS error; the temporary file is removed and the checkpoints already there stay as they were (older
+ones are only pruned after the new one is in place).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import re
@@ -30,7 +37,7 @@ REQUIRED_KEYS = ("format", "model", "optimizer", "progress")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or lacks required entries."""
+    """A checkpoint that cannot be read, lacks required entries, or cannot be written."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -61,30 +68,66 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: torch.save reports a failed ``write()`` as a RuntimeError whose context it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _describe(err: OSError) -> str:
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    return f"{err.strerror or err}" + (f" ({code})" if code else "")
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace`` onto ``path``."""
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    Raises ``CheckpointError`` (one line: the path and the OS error) when the file cannot be written; ``path``
+    itself is then untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
+        err = _os_error(exc) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {_describe(err)}") from exc
     _fsync_dir(path.parent)
     return path
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep: int) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step`` and delete all but the newest ``keep``."""
+    """Write ``state`` atomically as the checkpoint of ``step`` and delete all but the newest ``keep``.
+
+    On a write error the ``CheckpointError`` also names the newest checkpoint already in ``directory`` (kept).
+    """
     state = {"format": CHECKPOINT_FORMAT, **state}
-    path = atomic_torch_save(state, Path(directory) / checkpoint_name(step))
+    directory = Path(directory)
+    try:
+        path = atomic_torch_save(state, directory / checkpoint_name(step))
+    except CheckpointError as exc:
+        previous = list_checkpoints(directory)
+        kept = f"the last good checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"{exc}; {kept}") from exc.__cause__
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+    for stale in directory.glob(".ckpt_step*.pt.*.tmp"):  # left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,12 @@ class MetricsLogger:
         self.csv_path = self.run_dir / "metrics.csv"
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
-                with self.csv_path.open("w", newline="") as f:
-                    csv.writer(f).writerow(CSV_FIELDS)
+            self._csv_header()
+
+    def _csv_header(self) -> None:
+        if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
+            with self.csv_path.open("w", newline="") as f:
+                csv.writer(f).writerow(CSV_FIELDS)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Write one record (a flat mapping; keys outside CSV_FIELDS go to the JSON line only)."""
@@ -65,6 +69,26 @@ class MetricsLogger:
             f.write(json.dumps(clean) + "\n")
         with self.csv_path.open("a", newline="") as f:
             csv.writer(f).writerow(["" if clean.get(k) is None else clean[k] for k in CSV_FIELDS])
+
+
+    def offsets(self) -> dict[str, int]:
+        """Current sizes of the two files (stored in a checkpoint: what had been logged when it was written)."""
+        if not self.enabled:
+            return {}
+        return {p.name: p.stat().st_size if p.exists() else 0 for p in (self.jsonl_path, self.csv_path)}
+
+    def truncate(self, offsets: Mapping[str, int]) -> None:
+        """Drop what was logged after ``offsets`` (a resumed run logs those steps again; no duplicate rows).
+
+        Also removes a half-written last line of a process that was killed while logging.
+        """
+        if not self.enabled:
+            return
+        for p in (self.jsonl_path, self.csv_path):
+            size = offsets.get(p.name)
+            if size is not None and p.exists() and p.stat().st_size > size:
+                os.truncate(p, size)
+        self._csv_header()
 
 
 def _plain(v: Any) -> Any:

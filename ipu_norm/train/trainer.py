@@ -49,6 +49,7 @@ from ipu_norm.train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from ipu_norm.train.interrupt import StopRequest, TrainingInterrupted
 from ipu_norm.train.metrics import MetricsLogger, topk_correct
 
 
@@ -259,9 +260,13 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._last_saved_step = -1
         self._bad_steps: list[int] = []  # the current run of consecutive non-finite / skipped steps
+        self._metrics_offsets: dict[str, int] | None = None  # what this run dir had logged at the resumed checkpoint
+        self._last_validation: dict[str, Any] = {}  # the newest validation record (saved in checkpoints)
         if resume is not None:
             self._resume(resume)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        if self._metrics_offsets is not None:
+            self.metrics.truncate(self._metrics_offsets)  # rows after the checkpoint are logged again below
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -294,6 +299,7 @@ class Trainer:
                 if resume != "latest":
                     raise CheckpointError(f"--resume {resume}: no usable checkpoint in {where}")
                 self.log(f"NOTE: --resume: no usable checkpoint in {where}; starting from scratch")
+                self._metrics_offsets = {"metrics.jsonl": 0, "metrics.csv": 0}  # rows of steps done again
                 return
             path, state = found
         else:
@@ -325,6 +331,9 @@ class Trainer:
             )
         self.last_checkpoint = path
         self._last_saved_step = self.global_step
+        if path.parent.resolve() == self.ckpt_dir.resolve():
+            self._metrics_offsets = state.get("metrics_offsets")
+        self._last_validation = dict(state.get("last_validation") or {})
         self.log(
             f"resumed from {path}: step {self.global_step}, epoch {self.epoch}, "
             f"micro-batch {self.batch_in_epoch} of the epoch"
@@ -381,6 +390,8 @@ class Trainer:
                     "samples_seen": self.samples_seen,
                 },
                 "sampler": self.sampler.state_dict(),
+                "metrics_offsets": self.metrics.offsets(),
+                "last_validation": self._last_validation,
                 "world_size": self.dist.world_size,
                 "config": config_to_dict(self.cfg),
             }
@@ -450,10 +461,13 @@ class Trainer:
         """Train to ``train.epochs`` (or ``train.max_steps``); validate, log and checkpoint on the way."""
         t = self.cfg.train
         max_steps = t.max_steps
-        last_val: dict[str, float] = {}
+        last_val: dict[str, Any] = self._last_validation  # restored on resume: a finished run is not re-validated
         stop = max_steps is not None and self.global_step >= max_steps
+        interrupted = False  # SIGINT/SIGTERM: checkpoint at the next step boundary, then TrainingInterrupted
+        stop_request = StopRequest()
+        stop_request.install()
         try:
-            while self.epoch < t.epochs and not stop:
+            while self.epoch < t.epochs and not stop and not interrupted:
                 epoch = self.epoch
                 self.sampler.set_epoch(epoch)
                 self.sampler.set_start_batch(self.batch_in_epoch, self.micro)
@@ -461,6 +475,7 @@ class Trainer:
                 it = iter(self.train_loader)
                 bar = self._progress(epoch, start_call * self.steps_per_call)
                 window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
+                save_after_validation = False
                 for call in range(start_call, self.calls_per_epoch):
                     micro_batches = self._micro_batches(it)
                     result = self.backend.train_step(micro_batches)
@@ -512,13 +527,17 @@ class Trainer:
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                     if last_in_epoch:
                         self.epoch, self.batch_in_epoch = epoch + 1, 0
-                    if (
+                    interrupted = stop_request.should_stop(self.dist) and not stop  # collective under torchrun
+                    due = (
                         t.checkpoint_every_steps
                         and _crossed(prev_step, self.global_step, t.checkpoint_every_steps)
-                        and not self._bad_steps  # no checkpoint in the middle of a non-finite streak
-                    ):
+                        and not self._bad_steps  # no scheduled checkpoint in the middle of a non-finite streak
+                    )
+                    if (due or interrupted) and last_in_epoch:
+                        save_after_validation = True  # after the epoch's validation, which a resume would skip
+                    elif due or interrupted:
                         self.save()
-                    if stop:
+                    if stop or interrupted:
                         break
                 if bar is not None:
                     bar.close()
@@ -527,17 +546,21 @@ class Trainer:
                     final_epoch = self.epoch == t.epochs
                     if (t.val_every_epochs and self.epoch % t.val_every_epochs == 0) or final_epoch or stop:
                         last_val = self._validate(epoch)
-                    if (
-                        t.checkpoint_every_steps is None
-                        and self._last_saved_step != self.global_step
-                        and not self._bad_steps
-                    ):
+                    no_schedule = t.checkpoint_every_steps is None and not self._bad_steps
+                    if (no_schedule or save_after_validation) and self._last_saved_step != self.global_step:
                         self.save()
+            if interrupted:
+                if self._last_saved_step != self.global_step:
+                    self.save()
+                raise TrainingInterrupted(
+                    stop_request.signum or 0, self.global_step, self.last_checkpoint, is_main=self.is_main
+                )
             if not last_val or last_val.get("step") != self.global_step:
                 last_val = self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
             if self._last_saved_step != self.global_step:
                 self.save()
         finally:
+            stop_request.uninstall()
             self.backend.close()
         return RunResult(self.global_step, self.epoch, last_val, self.run_dir, self.last_checkpoint, self.is_main)
 
@@ -545,6 +568,7 @@ class Trainer:
         metrics = self.evaluate()
         record = {"kind": "val", "epoch": epoch, "step": self.global_step, **metrics, "time_s": time.time()}
         self.metrics.log(record)
+        self._last_validation = record
         msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         self.log(f"validation after epoch {epoch} (step {self.global_step}): {msg}")
         return record
