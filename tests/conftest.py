@@ -9,6 +9,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (training-loop tests: faster and steadier on a 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def poptorch_available() -> bool:
     try:
         import poptorch  # noqa: F401

@@ -88,14 +88,6 @@ def test_relu_fold_matches_unfolded_proxy_norm() -> None:
 # The fused C kernel for SiLU/GELU on CPU (ipu_norm.ops.pn_act_cpu), used with one intra-op thread.
 
 
-@pytest.fixture
-def one_thread():  # noqa: ANN201
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _kernel_or_skip() -> None:
     from ipu_norm.ops import pn_act_cpu  # noqa: PLC0415
 
