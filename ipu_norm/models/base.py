@@ -25,10 +25,9 @@ class StemBlocksHead(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map after the last block (before the head, and before its final conv if it has one)."""
+        # Proxy Norm statistics of all layers in one batched computation per forward (a no-op without PN).
         prepare_proxy_stats(self)
         return self.blocks(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Proxy Norm statistics of all layers in one batched computation per forward (a no-op without PN).
-        prepare_proxy_stats(self)
-        return self.head(self.blocks(self.stem(x)))
+        return self.head(self.forward_features(x))
