@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipu_norm.config.schema import Config, ModelConfig, OptimConfig
+from ipu_norm.config.schema import Config, DataConfig, ModelConfig, OptimConfig
 from ipu_norm.optim.param_groups import param_groups_weight_decay
 
 
@@ -28,6 +28,14 @@ def build_model(mcfg: ModelConfig) -> nn.Module:
         raise ValueError(
             f"model {mcfg.name!r} rejected its options ({exc}); remove (or null) the unsupported one of [{given}]"
         ) from exc
+
+
+def image_sizes(dcfg: DataConfig, model: nn.Module) -> tuple[int, int]:
+    """(train, test) image sizes: ``data.train_size`` / ``data.test_size``, else the model's ``default_cfg``
+    sizes, else 224 (the test size falls back to the train size)."""
+    default_cfg = getattr(model, "default_cfg", {}) or {}
+    train_size = dcfg.train_size or default_cfg.get("train_size") or 224
+    return train_size, dcfg.test_size or default_cfg.get("test_size") or train_size
 
 
 def effective_lr(ocfg: OptimConfig, global_batch_size: int) -> float:

@@ -29,19 +29,18 @@ from typing import Any
 from torch import nn
 
 from ipu_norm.config.schema import Config
+from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.train.checkpoint import CheckpointError, load_checkpoint, load_latest_good
 from ipu_norm.train.trainer import RunResult, train
 
 FINETUNE_SUBDIR = "finetune"
 
 # Layers whose train mode differs from eval mode (batch statistics, random masks): kept in eval when frozen.
-_EVAL_PINNED: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-
-
-def _eval_pinned_types() -> tuple[type[nn.Module], ...]:
-    from ipu_norm.layers.drop_path import DropPath
-
-    return (*_EVAL_PINNED, DropPath)
+_EVAL_PINNED: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.dropout._DropoutNd,
+    DropPath,
+)
 
 
 def resolve_image_size(cfg: Config) -> int:
@@ -50,11 +49,9 @@ def resolve_image_size(cfg: Config) -> int:
         return cfg.finetune.image_size
     if cfg.data.test_size is not None:
         return cfg.data.test_size
-    from ipu_norm.train.builders import build_model
+    from ipu_norm.train.builders import build_model, image_sizes
 
-    # Same fallback chain as the trainer (default_cfg test_size, then train_size, then 224).
-    default_cfg = getattr(build_model(cfg.model), "default_cfg", {}) or {}
-    return int(default_cfg.get("test_size") or cfg.data.train_size or default_cfg.get("train_size") or 224)
+    return int(image_sizes(cfg.data, build_model(cfg.model))[1])  # the trainer's test size
 
 
 def finetune_config(cfg: Config, run_dir: str | Path) -> Config:
@@ -155,9 +152,8 @@ def freeze_before(model: nn.Module, first_trainable: str | None) -> list[str]:
         if order[name.rpartition(".")[0]] < first:
             p.requires_grad_(False)
             frozen.append(name)
-    pinned = _eval_pinned_types()
     for name, module in model.named_modules():
-        if order[name] < first and isinstance(module, pinned):
+        if order[name] < first and isinstance(module, _EVAL_PINNED):
             _pin_eval(module)
     return frozen
 

@@ -32,7 +32,13 @@ from ipu_norm.config.loader import config_to_dict, dump_config
 from ipu_norm.config.schema import Config
 from ipu_norm.data.datasets import IGNORE_TARGET
 from ipu_norm.train.backend import Backend, TrainSpec, get_backend, resolve_device
-from ipu_norm.train.builders import build_criterion, build_model, build_optimizer, build_scheduler
+from ipu_norm.train.builders import (
+    build_criterion,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    image_sizes,
+)
 from ipu_norm.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -126,9 +132,7 @@ class Trainer:
         self.model: nn.Module = build_model(cfg.model)
         if model_hook is not None:  # e.g. load weights and freeze layers (fine-tuning), before anything wraps it
             model_hook(self.model)
-        default_cfg = getattr(self.model, "default_cfg", {}) or {}
-        self.train_size = d.train_size or default_cfg.get("train_size") or 224
-        self.test_size = d.test_size or default_cfg.get("test_size") or self.train_size
+        self.train_size, self.test_size = image_sizes(d, self.model)
 
         # ---------------------------------------------------------------- batch arithmetic / execution plan
         # On CPU/GPU the data-parallel size is the torchrun world size (execution.replicas is IPU-only).
@@ -270,9 +274,10 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
+        norm = (getattr(self.model, "default_cfg", None) or {}).get("norm", cfg.model.norm)
         self.log(
             f"model {cfg.model.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
-            f"norm {default_cfg.get('norm', cfg.model.norm)}) on {self.backend.name} | train {self.train_size}px / "
+            f"norm {norm}) on {self.backend.name} | train {self.train_size}px / "
             f"test {self.test_size}px | {len(self.train_set)} train, {len(self.val_set)} val samples | "
             f"global batch {self.global_batch} = micro {self.micro} x accum {self.accum} x {replicas} | "
             f"{self.steps_per_epoch} steps/epoch x {t.epochs} epochs"
@@ -461,7 +466,6 @@ class Trainer:
         """Train to ``train.epochs`` (or ``train.max_steps``); validate, log and checkpoint on the way."""
         t = self.cfg.train
         max_steps = t.max_steps
-        last_val: dict[str, Any] = self._last_validation  # restored on resume: a finished run is not re-validated
         stop = max_steps is not None and self.global_step >= max_steps
         interrupted = False  # SIGINT/SIGTERM: checkpoint at the next step boundary, then TrainingInterrupted
         stop_request = StopRequest()
@@ -545,7 +549,7 @@ class Trainer:
                 if epoch_done:
                     final_epoch = self.epoch == t.epochs
                     if (t.val_every_epochs and self.epoch % t.val_every_epochs == 0) or final_epoch or stop:
-                        last_val = self._validate(epoch)
+                        self._validate(epoch)
                     no_schedule = t.checkpoint_every_steps is None and not self._bad_steps
                     if (no_schedule or save_after_validation) and self._last_saved_step != self.global_step:
                         self.save()
@@ -555,14 +559,17 @@ class Trainer:
                 raise TrainingInterrupted(
                     stop_request.signum or 0, self.global_step, self.last_checkpoint, is_main=self.is_main
                 )
-            if not last_val or last_val.get("step") != self.global_step:
-                last_val = self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
+            # _last_validation is restored on resume: a finished run is not validated again.
+            if self._last_validation.get("step") != self.global_step:
+                self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
             if self._last_saved_step != self.global_step:
                 self.save()
         finally:
             stop_request.uninstall()
             self.backend.close()
-        return RunResult(self.global_step, self.epoch, last_val, self.run_dir, self.last_checkpoint, self.is_main)
+        return RunResult(
+            self.global_step, self.epoch, self._last_validation, self.run_dir, self.last_checkpoint, self.is_main
+        )
 
     def _validate(self, epoch: int) -> dict[str, Any]:
         metrics = self.evaluate()
