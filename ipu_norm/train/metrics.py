@@ -70,7 +70,6 @@ class MetricsLogger:
         with self.csv_path.open("a", newline="") as f:
             csv.writer(f).writerow(["" if clean.get(k) is None else clean[k] for k in CSV_FIELDS])
 
-
     def offsets(self) -> dict[str, int]:
         """Current sizes of the two files (stored in a checkpoint: what had been logged when it was written)."""
         if not self.enabled:
