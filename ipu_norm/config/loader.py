@@ -56,7 +56,6 @@ def _record_sources(data: Mapping[str, Any], source: str, sources: Sources, pref
             _record_sources(value, source, sources, dotted + ".")
 
 
-
 class _ConfigYamlLoader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 booleans: only true/false (any case) are booleans.
 
@@ -77,6 +76,7 @@ _ConfigYamlLoader.add_implicit_resolver(
 def _load_yaml(text: str) -> Any:
     """Parse config YAML (file or ``--set`` value) with YAML 1.2 booleans."""
     return yaml.load(text, Loader=_ConfigYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 def load_yaml_tree(path: str | Path, _stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Sources]:
     """Read a YAML config and its ``base:`` chain; returns the merged mapping and where each key came from."""
