@@ -63,8 +63,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         im.load()
         mode = im.mode
         if mode.startswith("I;16"):
-            arr = np.asarray(im, dtype=np.uint16).astype(np.float32) / 257.0
-            return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+            return _gray_to_rgb(np.asarray(im, dtype=np.uint16).astype(np.float32) / 257.0)
         if mode in ("I", "F"):
             arr = np.asarray(im, dtype=np.float64)
             if mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
@@ -72,10 +71,16 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             else:
                 lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
                 arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-            return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+            return _gray_to_rgb(arr)
         if mode == "P" and "transparency" in im.info:
             return im.convert("RGBA").convert("RGB")  # PIL warns when converting a transparent palette directly
         return im.convert("RGB")
+
+
+
+def _gray_to_rgb(arr: np.ndarray) -> Image.Image:
+    """A single-channel array already on the 0..255 scale, rounded to 8 bits, as an RGB image."""
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 class GeneratedDataset(Dataset):
