@@ -43,6 +43,13 @@ def _optimizer_name_and_hparams(optimizer: torch.optim.Optimizer) -> tuple[str, 
     return name, dict(optimizer.defaults)
 
 
+# Why the IPU backend refuses AGC (raised by `prepare`, reported by the dry run).
+AGC_UNSUPPORTED = (
+    "optim.agc_clip is set: Adaptive Gradient Clipping is not available on the IPU backend (poptorch.optim has "
+    "no per-unit gradient clipping). Train NFNets with AGC on cpu/cuda, or set optim.agc_clip: null."
+)
+
+
 class PoptorchBackend:
     """Backend for ``execution.device: ipu`` (see module docstring)."""
 
@@ -79,10 +86,7 @@ class PoptorchBackend:
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ExecutionPlan, spec: Any) -> None:
         """Cast, annotate (stages, recomputation) and wrap the model in ``poptorch.trainingModel``."""
         if getattr(spec, "agc_clip", None) is not None:
-            raise NotImplementedError(
-                "optim.agc_clip (Adaptive Gradient Clipping) is not available on the IPU backend: poptorch.optim has "
-                "no per-unit gradient clipping. Train NFNets with AGC on cpu/cuda, or set optim.agc_clip: null."
-            )
+            raise NotImplementedError(AGC_UNSUPPORTED)
         self.model, self.plan, self.optimizer = model, plan, optimizer
         self.memory_estimate = self._check_memory(model, plan)
         pa.cast_model_for_precision(model, plan)

@@ -70,7 +70,7 @@ def _estimate(model: torch.nn.Module, plan: Any, cfg: Any) -> tuple[Any, str | N
 
 def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim.Optimizer, out: PRINT) -> str | None:
     """Print the IPU run of `cfg` (see module docstring); return why it would be refused, or None."""
-    from ipu_norm.ipu.backend import _optimizer_name_and_hparams
+    from ipu_norm.ipu.backend import AGC_UNSUPPORTED, _optimizer_name_and_hparams
 
     problems: list[str] = []
     popdist = pa.under_poprun()
@@ -108,8 +108,7 @@ def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
 
     out("")
     if cfg.optim.agc_clip is not None:
-        problems.append("optim.agc_clip is set: Adaptive Gradient Clipping is not available on the IPU backend "
-                        "(poptorch.optim has no per-unit clipping); set optim.agc_clip: null or train on cpu/cuda")
+        problems.append(AGC_UNSUPPORTED)
     name, hparams = _optimizer_name_and_hparams(optimizer)
     cls, kw = pa.optimizer_spec(name, hparams, plan)
     # The backend hands PopTorch the trainer's parameter groups, each with its own lr and weight decay.
@@ -143,13 +142,13 @@ def _compile(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
     """Prepare the backend as training does and compile the training executable with example inputs."""
     from ipu_norm.ipu.backend import PoptorchBackend
     from ipu_norm.train.backend import TrainSpec
-    from ipu_norm.train.builders import build_criterion
+    from ipu_norm.train.builders import build_criterion, image_sizes
 
     criterion, soft = build_criterion(cfg)
     backend = PoptorchBackend(cfg, poptorch=poptorch)
     backend.prepare(model, optimizer, plan, TrainSpec(criterion=criterion, agc_clip=cfg.optim.agc_clip))
     n = plan.micro_batch_size * backend.micro_batches_per_step
-    size = cfg.data.train_size or (getattr(model, "default_cfg", None) or {}).get("train_size") or 224
+    size, _ = image_sizes(cfg.data, model)  # the trainer's train size
     images = torch.zeros(n, 3, size, size)
     classes = cfg.model.num_classes
     targets = torch.full((n, classes), 1.0 / classes) if soft else torch.zeros(n, dtype=torch.long)
