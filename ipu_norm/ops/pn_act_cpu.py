@@ -84,7 +84,7 @@ def _lib() -> ctypes.CDLL | None:
         getattr(lib, f"relu_shift_forward_{suffix}").argtypes = [ptr] * 3 + [i64] * 3
         getattr(lib, f"relu_shift_backward_{suffix}").argtypes = [ptr] * 5 + [i64] * 3
         fwd, bwd = getattr(lib, f"proxy_stats_forward_{suffix}"), getattr(lib, f"proxy_stats_backward_{suffix}")
-        fwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 6
+        fwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 7
         bwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 10
         fwd.restype = bwd.restype = ctypes.c_int
     return lib
@@ -186,17 +186,22 @@ def cpu_proxy_stats_applies(gamma: torch.Tensor, num_quantiles: int) -> bool:
 def cpu_proxy_stats_forward(
     act: str, q: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, proxy_gamma: torch.Tensor,
     proxy_beta: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, var) per channel of phi over the proxy variable (the ipu_norm::proxy_stats op's math)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, var, moments) per channel of phi over the proxy variable (the ipu_norm::proxy_stats op's math).
+
+    moments is (4, C): the per-channel sums from which the op's first-order backward is O(C)
+    (`ipu_norm.ops.proxy_stats` docstring), computed in the same pass over each row.
+    """
     ins = [t.contiguous() for t in (gamma, beta, proxy_gamma, proxy_beta)]
     mean, var = torch.empty_like(ins[0]), torch.empty_like(ins[0])
+    moments = ins[0].new_empty((4, ins[0].numel()))
     rc = getattr(_lib(), f"proxy_stats_forward_{_suffix(gamma)}")(
         _STATS_ACT_CODES[act], q.data_ptr(), q.numel(), ins[0].numel(), *(t.data_ptr() for t in ins),
-        mean.data_ptr(), var.data_ptr(),
+        mean.data_ptr(), var.data_ptr(), moments.data_ptr(),
     )
     if rc:
         raise RuntimeError(f"proxy_stats C kernel failed ({rc})")
-    return mean, var
+    return mean, var, moments
 
 
 def cpu_proxy_stats_backward(

@@ -21,6 +21,12 @@ Math, per channel c and quantile i (n quantiles):
     z_ci = phi(u_ci),  mean_c = (1/n) sum_i z_ci,  var_c = (1/n) sum_i (z_ci - mean_c)^2
 Backward with w_ci = (gm_c + 2 gv_c (z_ci - mean_c)) phi'(u_ci) / n, S0 = sum_i w_ci, Sq = sum_i w_ci q_i:
     d gamma = (1 + pg) Sq + pb S0,  d beta = S0,  d pg = gamma Sq,  d pb = gamma S0.
+S0 and Sq are linear in (gm, gv): with the four per-channel "moments" of the forward
+    A = sum_i (z_ci - mean_c) phi'(u_ci),  B = sum_i phi'(u_ci),  Cq = sum_i (z_ci - mean_c) phi'(u_ci) q_i,
+    D = sum_i phi'(u_ci) q_i,
+S0 = (2 gv A + gm B) / n and Sq = (2 gv Cq + gm D) / n. The forward op returns them (a third, non-differentiable
+output computed in the same pass), so the first-order backward is O(C) instead of a second pass over the
+(C, n) proxy values; the backward op (which recomputes) serves double backward (create_graph) only.
 """
 
 from __future__ import annotations
@@ -159,15 +165,6 @@ def _mean_var_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.linalg.vecdot(zc, zc) * (1.0 / z.shape[1])
 
 
-def _act_(u: torch.Tensor, act: str) -> torch.Tensor:
-    """phi(u), overwriting u where an in-place kernel exists (u must be a temporary)."""
-    if act == "relu":
-        return torch.relu_(u)
-    if act == "silu":
-        return torch.nn.functional.silu(u, inplace=True)
-    return _act(u, act)
-
-
 def _proxy_u(
     g: torch.Tensor, b: torch.Tensor, pg: torch.Tensor, pb: torch.Tensor, q: torch.Tensor
 ) -> torch.Tensor:
@@ -214,6 +211,15 @@ def _check_inputs(tensors: tuple[torch.Tensor, ...], act: str, num_quantiles: in
 # Forward op.
 
 
+def _moments(zc: torch.Tensor, d1: torch.Tensor | float, q: torch.Tensor) -> torch.Tensor:
+    """(4, C) moments (A, B, Cq, D) of the module docstring from centred z and phi' (float 1.0 for identity)."""
+    if isinstance(d1, float):  # identity: phi' = 1
+        ones = torch.full_like(zc[:, 0], d1)
+        return torch.stack([zc.sum(dim=1), ones * zc.shape[1], torch.mv(zc, q), ones * q.sum()])
+    ed = zc * d1
+    return torch.stack([ed.sum(dim=1), d1.sum(dim=1), torch.mv(ed, q), torch.mv(d1, q)])
+
+
 @torch.library.custom_op("ipu_norm::proxy_stats", mutates_args=())
 def _proxy_stats_op(
     gamma: torch.Tensor,
@@ -222,21 +228,25 @@ def _proxy_stats_op(
     proxy_beta: torch.Tensor,
     act: str,
     num_quantiles: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom op forward: (mean, var) per channel; inputs (C,) of one float32/float64 dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom op forward: (mean, var, moments); inputs (C,) of one float32/float64 dtype, moments (4, C).
+
+    moments (module docstring) only feed this op's own backward; they are not differentiable.
+    """
     _check_inputs((gamma, beta, proxy_gamma, proxy_beta), act, num_quantiles)
     with _no_autocast(gamma.device.type):
         q = _cached_quantiles(num_quantiles, gamma.device, gamma.dtype)
         if _use_cpu_kernel(gamma, num_quantiles):
             return cpu_proxy_stats_forward(act, q, gamma, beta, proxy_gamma, proxy_beta)
-        mean, var = _mean_var_(_act_(_proxy_u(gamma, beta, proxy_gamma, proxy_beta, q), act))
-    return mean, var
+        z, d1 = _act_and_derivs(_proxy_u(gamma, beta, proxy_gamma, proxy_beta, q), act, 1)
+        mean, var = _mean_var_(z)  # centres z in place (for identity z is the temporary u itself)
+        return mean, var, _moments(z, d1, q)
 
 
 @_proxy_stats_op.register_fake
 def _proxy_stats_fake(gamma, beta, proxy_gamma, proxy_beta, act, num_quantiles):  # noqa: ANN001, ANN202
     _check_inputs((gamma, beta, proxy_gamma, proxy_beta), act, num_quantiles)
-    return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+    return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), gamma.new_empty((4, *gamma.shape))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,20 +329,32 @@ def _proxy_stats_backward_fake(grad_mean, grad_var, gamma, beta, proxy_gamma, pr
 
 def _setup_forward(ctx, inputs, output) -> None:  # noqa: ANN001
     gamma, beta, proxy_gamma, proxy_beta, act, num_quantiles = inputs
-    ctx.save_for_backward(gamma, beta, proxy_gamma, proxy_beta)
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(gamma, beta, proxy_gamma, proxy_beta, output[2])
     ctx.act = act
     ctx.num_quantiles = num_quantiles
 
 
-def _backward_forward(ctx, grad_mean, grad_var):  # noqa: ANN001, ANN202
-    gamma, beta, proxy_gamma, proxy_beta = ctx.saved_tensors
+def _backward_forward(ctx, grad_mean, grad_var, _grad_moments):  # noqa: ANN001, ANN202
+    gamma, beta, proxy_gamma, proxy_beta, moments = ctx.saved_tensors
     # An output that did not reach the loss has no gradient: treat it as zero.
     grad_mean = torch.zeros_like(gamma) if grad_mean is None else grad_mean.to(gamma.dtype)
     grad_var = torch.zeros_like(gamma) if grad_var is None else grad_var.to(gamma.dtype)
-    grads = torch.ops.ipu_norm.proxy_stats_backward(
-        grad_mean, grad_var, gamma, beta, proxy_gamma, proxy_beta, ctx.act, ctx.num_quantiles
-    )
-    return (*grads, None, None)
+    if torch.is_grad_enabled():
+        # create_graph: the backward op, which recomputes from the inputs and has an analytic backward of its own.
+        grads = torch.ops.ipu_norm.proxy_stats_backward(
+            grad_mean, grad_var, gamma, beta, proxy_gamma, proxy_beta, ctx.act, ctx.num_quantiles
+        )
+        return (*grads, None, None)
+    # First order: S0 and Sq from the forward's moments (module docstring), O(C).
+    n = ctx.num_quantiles
+    a, b, cq, d = moments
+    gv2 = grad_var * (2.0 / n)
+    gm1 = grad_mean * (1.0 / n)
+    s0 = torch.addcmul(gv2 * a, gm1, b)
+    sq = torch.addcmul(gv2 * cq, gm1, d)
+    d_gamma = torch.addcmul(proxy_beta * s0, 1.0 + proxy_gamma, sq)
+    return d_gamma, s0, gamma * sq, gamma * s0, None, None
 
 
 _proxy_stats_op.register_autograd(_backward_forward, setup_context=_setup_forward)
@@ -422,4 +444,5 @@ def proxy_stats(
     # The casts must stay fp32 even when called inside torch.autocast(bf16/fp16).
     with _no_autocast(gamma.device.type):
         args = tuple(t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta))
-        return torch.ops.ipu_norm.proxy_stats(*args, act_name, num_quantiles)
+        mean, var, _ = torch.ops.ipu_norm.proxy_stats(*args, act_name, num_quantiles)
+        return mean, var

@@ -1,7 +1,9 @@
 /* CPU kernel of the ipu_norm::proxy_stats op and its backward op (ipu_norm/ops/proxy_stats.py), one channel (row
  * of n quantiles) at a time with the row kept in a small buffer: one transcendental per element forward and one
  * backward, where the ATen implementation makes about five (forward) and nine (backward) passes over (C, n)
- * tensors. Same formulas as that module's docstring and custom_ops/proxy_stats_kernel.hpp (the PopART side,
+ * tensors. The forward also writes the four per-channel moments from which the op's first-order backward is
+ * O(C) (mom, may be null); the backward kernel recomputes everything and serves the backward op (double
+ * backward). Same formulas as that module's docstring and custom_ops/proxy_stats_kernel.hpp (the PopART side,
  * whose per-element switch does not vectorise); tested against the ATen path. q is the op's own quantile
  * tensor; act: 0 relu, 1 silu, 2 gelu, 3 identity (PROXY_ACTS order). Built with pn_act_cpu.c.
  */
@@ -33,12 +35,14 @@ static inline void row_act_##SUFFIX(int act, const T *q, int64_t n, T a, T c, T 
         for (int64_t i = 0; i < n; ++i) { z[i] = a * q[i] + c; if (d) d[i] = 1; }                                \
     }                                                                                                            \
 }                                                                                                                \
+/* mom (may be 0): the four per-channel sums that make the first-order backward O(C), (4, C) row-major:      \
+ * A = sum (z - mean) phi', B = sum phi', Cq = sum (z - mean) phi' q, D = sum phi' q (see proxy_stats.py). */   \
 int proxy_stats_forward_##SUFFIX(int act, const T *q, int64_t n, int64_t c, const T *g, const T *b,             \
-                                 const T *pg, const T *pb, T *mean, T *var) {                                    \
+                                 const T *pg, const T *pb, T *mean, T *var, T *mom) {                            \
     if (n > MAX_N) return 1;                                                                                     \
-    T z[MAX_N];                                                                                                  \
+    T z[MAX_N], d[MAX_N];                                                                                        \
     for (int64_t ch = 0; ch < c; ++ch) {                                                                         \
-        row_act_##SUFFIX(act, q, n, g[ch] * ((T)1 + pg[ch]), b[ch] + g[ch] * pb[ch], z, 0);                      \
+        row_act_##SUFFIX(act, q, n, g[ch] * ((T)1 + pg[ch]), b[ch] + g[ch] * pb[ch], z, mom ? d : 0);            \
         T s = 0;                                                                                                 \
         for (int64_t i = 0; i < n; ++i) s += z[i];                                                               \
         const T m = s / (T)n;                                                                                    \
@@ -46,6 +50,14 @@ int proxy_stats_forward_##SUFFIX(int act, const T *q, int64_t n, int64_t c, cons
         for (int64_t i = 0; i < n; ++i) { T e = z[i] - m; ss += e * e; } /* two-pass: stable */                 \
         mean[ch] = m;                                                                                            \
         var[ch] = ss / (T)n;                                                                                     \
+        if (mom) {                                                                                               \
+            T sa = 0, sb = 0, sc = 0, sd = 0;                                                                    \
+            for (int64_t i = 0; i < n; ++i) {                                                                    \
+                T ed = (z[i] - m) * d[i];                                                                        \
+                sa += ed; sb += d[i]; sc += ed * q[i]; sd += d[i] * q[i];                                        \
+            }                                                                                                    \
+            mom[ch] = sa; mom[c + ch] = sb; mom[2 * c + ch] = sc; mom[3 * c + ch] = sd;                          \
+        }                                                                                                        \
     }                                                                                                            \
     return 0;                                                                                                    \
 }                                                                                                                \
