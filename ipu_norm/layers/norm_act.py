@@ -31,7 +31,8 @@ from ipu_norm.layers.proxy_norm import (
     apply_proxy_norm_act,
     relu_add_shift,
 )
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES
+from ipu_norm.ops.pn_act_cpu import fused_gn_act_applies, fused_gn_act_backward, fused_gn_act_forward
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, running_on_ipu
 
 NORM_KINDS = ("bn", "gn", "ln", "gn+pn", "ln+pn", "none")
 DEFAULT_EPS = {"bn": 1e-5, "gn": 1e-3, "ln": 1e-3}
@@ -91,6 +92,33 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, act={self.act_name}"
 
 
+# Tests switch the fused kernel off to compare with the ATen path.
+_FUSED_GN_ACT = {"enabled": True}
+
+
+class _GroupNormActFn(torch.autograd.Function):
+    """phi(group_norm(x) * weight + bias) [* scale + shift] as one CPU kernel each way (ipu_norm.ops.pn_act_cpu).
+
+    Saves x and the per-(sample, group) mean/rstd, as ATen's GroupNorm does; unlike GroupNorm followed by an
+    activation it does not also save the activation's input. scale/shift (C,) are Proxy Norm's, or None.
+    First-order only (the ATen path, taken under create_graph, stays twice differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, act):  # noqa: ANN001, ANN205
+        out, mean, rstd = fused_gn_act_forward(x, weight, bias, scale, shift, num_groups, eps, act)
+        ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
+        ctx.num_groups, ctx.act = num_groups, act
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        grads = fused_gn_act_backward(grad_out, x, weight, bias, scale, mean, rstd, ctx.num_groups, ctx.act)
+        return (*grads, None, None, None)
+
+
 class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
     """GroupNorm followed by an activation, optionally with Proxy Norm (GN+PN / LN+PN).
 
@@ -128,6 +156,11 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
         return params, self.act_name, self.proxy_eps, self.num_quantiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_applies(x):
+            # SiLU/GELU on CPU: GroupNorm, activation and Proxy Norm's scale/shift in one kernel each way.
+            scale, shift = self.proxy_affine() if self.proxy else (None, None)
+            return _GroupNormActFn.apply(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps,
+                                         self.act_name)
         if not self.proxy:
             return ACT_FNS[self.act_name](F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
         scale, shift = self.proxy_affine()
@@ -137,6 +170,14 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
             return relu_add_shift(x, shift)
         x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return apply_proxy_norm_act(x, self.act_name, scale, shift)
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        # Not while PopTorch traces: PopART differentiates the plain ops itself.
+        return (
+            _FUSED_GN_ACT["enabled"]
+            and fused_gn_act_applies(x, self.weight, self.act_name)
+            and not running_on_ipu()
+        )
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, act={self.act_name}"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_SRCS = tuple(Path(__file__).with_name("csrc") / f for f in ("pn_act_cpu.c", "proxy_stats_cpu.c"))
+_SRCS = tuple(Path(__file__).with_name("csrc") / f for f in ("pn_act_cpu.c", "proxy_stats_cpu.c", "gn_act_cpu.c"))
 _ACT_CODES = {"silu": 1, "gelu": 2}
 # -ffast-math lets GCC call glibc's vector expf/erff (libmvec); 512-bit vectors where the CPU has them were
 # ~20% faster than 256-bit here. Part of the cache key.
@@ -87,6 +87,8 @@ def _lib() -> ctypes.CDLL | None:
         fwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 7
         bwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 10
         fwd.restype = bwd.restype = ctypes.c_int
+        getattr(lib, f"gn_act_forward_{suffix}").argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_double, ctypes.c_int]
+        getattr(lib, f"gn_act_backward_{suffix}").argtypes = [ptr] * 13 + [i64] * 4 + [ctypes.c_int]
     return lib
 
 
@@ -164,6 +166,67 @@ def fused_relu_shift_backward(
         g.data_ptr(), out.data_ptr(), grad_u.data_ptr(), sh.data_ptr(), sums.data_ptr(), *_dims(out)
     )
     return grad_u, sums.to(out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused GroupNorm + SiLU/GELU (+ Proxy Norm scale/shift): csrc/gn_act_cpu.c.
+
+
+def fused_gn_act_applies(x: torch.Tensor, weight: torch.Tensor, act: str) -> bool:
+    """Whether the fused GroupNorm-activation kernel can run on x (N, C, *) with GroupNorm weight `weight`."""
+    return (
+        act in _ACT_CODES
+        and x.dim() >= 2
+        and weight.dtype == x.dtype
+        and fused_pn_act_applies(x, act)
+    )
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _vec(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    # A (C,) parameter or (C,) statistics slice as a contiguous vector of x's dtype (no copy when it already is).
+    if t is None:
+        return None
+    if t.dtype != like.dtype:
+        t = t.to(like.dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def fused_gn_act_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+    shift: torch.Tensor | None, num_groups: int, eps: float, act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd): out = phi(group_norm(x) * weight + bias) [* scale + shift]; mean/rstd (N, G)."""
+    n, c, s = _dims(x)
+    out = torch.empty_like(x)
+    stats = x.new_empty((2, n, num_groups))
+    getattr(_lib(), f"gn_act_forward_{_suffix(x)}")(
+        x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(_vec(scale, x)), _ptr(_vec(shift, x)),
+        stats[0].data_ptr(), stats[1].data_ptr(), n, c, s, num_groups, eps, _ACT_CODES[act],
+    )
+    return out, stats[0], stats[1]
+
+
+def fused_gn_act_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift); the last two None when scale is None."""
+    n, c, s = _dims(x)
+    g = grad_out if grad_out.dtype == x.dtype and grad_out.is_contiguous() else grad_out.to(x.dtype).contiguous()
+    grad_x = torch.empty_like(x)
+    grads = x.new_empty((4 if scale is not None else 2, c))
+    work = torch.empty(4 * c, dtype=torch.float64)
+    d_scale, d_shift = (grads[2], grads[3]) if scale is not None else (None, None)
+    getattr(_lib(), f"gn_act_backward_{_suffix(x)}")(
+        g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(_vec(scale, x)),
+        mean.data_ptr(), rstd.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(), _ptr(d_scale), _ptr(d_shift),
+        work.data_ptr(), n, c, s, num_groups, _ACT_CODES[act],
+    )
+    return grad_x, grads[0], grads[1], d_scale, d_shift
 
 
 # ----------------------------------------------------------------------------------------------------------
