@@ -1,4 +1,4 @@
-"""The fused GroupNorm + SiLU/GELU (+ Proxy Norm) CPU kernel of GroupNormAct against the ATen path it replaces."""
+"""The fused GroupNorm + ReLU/SiLU/GELU (+ Proxy Norm) CPU kernel of GroupNormAct against the ATen path it replaces."""
 
 import pytest
 import torch
@@ -11,9 +11,10 @@ from ipu_norm.ops import pn_act_cpu
 
 
 @pytest.fixture
-def kernel(one_thread):  # noqa: ANN001, ANN201
+def kernel(one_thread, monkeypatch):  # noqa: ANN001, ANN201
     if pn_act_cpu._lib() is None:
         pytest.skip("the C kernels could not be built here (no C compiler?)")
+    monkeypatch.setattr(norm_act, "FUSED_GN_ACT_MIN_PLANE", 1)  # plain GN + act on these small test planes too
 
 
 def _layer(dtype: torch.dtype, act: str, groups: int, proxy: bool) -> GroupNormAct:
@@ -36,7 +37,7 @@ def _run(layer: GroupNormAct, x: torch.Tensor, g: torch.Tensor, fused: bool) -> 
 
 @pytest.mark.parametrize("proxy", [False, True], ids=["gn", "gn+pn"])
 @pytest.mark.parametrize("groups", [1, 4])
-@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_gn_act_matches_the_aten_path(dtype: torch.dtype, act: str, groups: int, proxy: bool, kernel) -> None:  # noqa: ANN001
     """Output and the gradients of x, gamma, beta (and gamma~, beta~ through the proxy statistics)."""
@@ -50,7 +51,7 @@ def test_fused_gn_act_matches_the_aten_path(dtype: torch.dtype, act: str, groups
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
 def test_fused_gn_act_gradcheck(act: str, kernel) -> None:  # noqa: ANN001
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
@@ -75,26 +76,34 @@ def test_fused_gn_act_saves_only_its_input(kernel) -> None:  # noqa: ANN001
     assert aten_gn >= 2 * x.numel() * 4
 
 
-def test_fused_gn_act_falls_back(kernel) -> None:  # noqa: ANN001
+def test_fused_gn_act_falls_back(kernel, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(norm_act, "FUSED_GN_ACT_MIN_PLANE", 256)
     layer = GroupNormAct(8, 4, "silu", proxy=True)
     x = torch.randn(2, 8, 4, 4)
     assert layer._fused_applies(x)
+    # Plain GN + act keeps ATen's kernels on planes smaller than FUSED_GN_ACT_MIN_PLANE (faster there).
+    assert not GroupNormAct(8, 4, "silu")._fused_applies(x)
+    assert GroupNormAct(8, 4, "silu")._fused_applies(torch.randn(2, 8, 16, 16))
     assert not layer._fused_applies(x.to(memory_format=torch.channels_last))  # not contiguous
     assert not layer._fused_applies(x.bfloat16())  # autocast dtypes: ATen
-    assert not GroupNormAct(8, 4, "relu", proxy=True)._fused_applies(x)  # ReLU: the PN scale folds into GN
+    assert GroupNormAct(8, 4, "relu", proxy=True)._fused_applies(x)  # (the ATen path folds the PN scale into GN)
     assert not GroupNormAct(8, 4, "identity")._fused_applies(x)
     torch.set_num_threads(2)
     assert not layer._fused_applies(x)  # ATen's kernels are parallel
     torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("norm", ["gn", "gn+pn", "ln+pn"])
-def test_model_step_is_the_same_with_and_without_the_kernel(norm: str, kernel, monkeypatch) -> None:  # noqa: ANN001
-    """A whole EfficientNet-B0 (float64, batched proxy statistics): loss and every parameter gradient."""
+@pytest.mark.parametrize(("arch", "norm", "fused_layers"), [
+    ("efficientnet_b0", "gn", 33), ("efficientnet_b0", "gn+pn", 33), ("efficientnet_b0", "ln+pn", 33),
+    ("resnet50", "gn+pn", 33),
+])
+def test_model_step_is_the_same_with_and_without_the_kernel(arch: str, norm: str, fused_layers: int, kernel,  # noqa: ANN001
+                                                            monkeypatch) -> None:  # noqa: ANN001
+    """A whole model (float64, batched proxy statistics): loss and every parameter gradient."""
     calls = []
     real = norm_act.fused_gn_act_forward
     monkeypatch.setattr(norm_act, "fused_gn_act_forward", lambda *a: calls.append(1) or real(*a))
-    model = create_model("efficientnet_b0", num_classes=10, norm=norm, drop_rate=0.0, drop_path_rate=0.0).double()
+    model = create_model(arch, num_classes=10, norm=norm, drop_rate=0.0, drop_path_rate=0.0).double()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "proxy" in name:
@@ -110,6 +119,6 @@ def test_model_step_is_the_same_with_and_without_the_kernel(norm: str, kernel, m
             results.append([loss.detach(), *(p.grad.clone() for p in model.parameters())])
         finally:
             norm_act._FUSED_GN_ACT["enabled"] = True
-    assert len(calls) == 33  # every SiLU norm of EfficientNet-B0 took the kernel in the first run, none in the second
+    assert len(calls) == fused_layers  # every norm with an activation took the kernel in the first run, none after
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

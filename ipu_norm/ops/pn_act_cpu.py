@@ -88,8 +88,23 @@ def _lib() -> ctypes.CDLL | None:
         bwd.argtypes = [ctypes.c_int, ptr, i64, i64] + [ptr] * 10
         fwd.restype = bwd.restype = ctypes.c_int
         getattr(lib, f"gn_act_forward_{suffix}").argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_double, ctypes.c_int]
-        getattr(lib, f"gn_act_backward_{suffix}").argtypes = [ptr] * 13 + [i64] * 4 + [ctypes.c_int]
+        getattr(lib, f"gn_act_backward_{suffix}").argtypes = [ptr] * 14 + [i64] * 4 + [ctypes.c_int]
+    lib.gn_act_work_size.argtypes, lib.gn_act_work_size.restype = [i64, i64], i64
     return lib
+
+
+def _cpu_kernel_applies(u: torch.Tensor) -> bool:
+    # Where the single-threaded C kernels of this module may replace ATen's ops on u (see the module docstring).
+    if torch.compiler.is_compiling():
+        return False  # an opaque ctypes call: torch.compile generates its own fused kernel for the ATen ops
+    return (
+        u.device.type == "cpu"
+        and u.dtype in (torch.float32, torch.float64)
+        and u.dim() >= 2
+        and u.is_contiguous()
+        and torch.get_num_threads() == 1
+        and _lib() is not None
+    )
 
 
 def fused_pn_act_applies(u: torch.Tensor, act: str) -> bool:
@@ -97,17 +112,7 @@ def fused_pn_act_applies(u: torch.Tensor, act: str) -> bool:
 
     See the module docstring; builds the library on first call.
     """
-    if torch.compiler.is_compiling():
-        return False  # an opaque ctypes call: torch.compile generates its own fused kernel for the ATen ops
-    return (
-        (act in _ACT_CODES or act == "relu_shift")
-        and u.device.type == "cpu"
-        and u.dtype in (torch.float32, torch.float64)
-        and u.dim() >= 2
-        and u.is_contiguous()
-        and torch.get_num_threads() == 1
-        and _lib() is not None
-    )
+    return (act in _ACT_CODES or act == "relu_shift") and _cpu_kernel_applies(u)
 
 
 def _dims(u: torch.Tensor) -> tuple[int, int, int]:
@@ -172,14 +177,12 @@ def fused_relu_shift_backward(
 # Fused GroupNorm + SiLU/GELU (+ Proxy Norm scale/shift): csrc/gn_act_cpu.c.
 
 
+_GN_ACT_CODES = {"relu": 0, **_ACT_CODES}
+
+
 def fused_gn_act_applies(x: torch.Tensor, weight: torch.Tensor, act: str) -> bool:
-    """Whether the fused GroupNorm-activation kernel can run on x (N, C, *) with GroupNorm weight `weight`."""
-    return (
-        act in _ACT_CODES
-        and x.dim() >= 2
-        and weight.dtype == x.dtype
-        and fused_pn_act_applies(x, act)
-    )
+    """Whether the fused GroupNorm-activation kernel (ReLU, SiLU, GELU) can run on x (N, C, *) with this weight."""
+    return act in _GN_ACT_CODES and weight.dtype == x.dtype and _cpu_kernel_applies(x)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -205,7 +208,7 @@ def fused_gn_act_forward(
     stats = x.new_empty((2, n, num_groups))
     getattr(_lib(), f"gn_act_forward_{_suffix(x)}")(
         x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(_vec(scale, x)), _ptr(_vec(shift, x)),
-        stats[0].data_ptr(), stats[1].data_ptr(), n, c, s, num_groups, eps, _ACT_CODES[act],
+        stats[0].data_ptr(), stats[1].data_ptr(), n, c, s, num_groups, eps, _GN_ACT_CODES[act],
     )
     return out, stats[0], stats[1]
 
@@ -219,12 +222,13 @@ def fused_gn_act_backward(
     g = grad_out if grad_out.dtype == x.dtype and grad_out.is_contiguous() else grad_out.to(x.dtype).contiguous()
     grad_x = torch.empty_like(x)
     grads = x.new_empty((4 if scale is not None else 2, c))
-    work = torch.empty(4 * c, dtype=torch.float64)
+    acc = torch.empty(4 * c, dtype=torch.float64)
+    work = x.new_empty(_lib().gn_act_work_size(c // num_groups, s))  # phi and phi' of one chunk of channels
     d_scale, d_shift = (grads[2], grads[3]) if scale is not None else (None, None)
     getattr(_lib(), f"gn_act_backward_{_suffix(x)}")(
         g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(_vec(scale, x)),
         mean.data_ptr(), rstd.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(), _ptr(d_scale), _ptr(d_shift),
-        work.data_ptr(), n, c, s, num_groups, _ACT_CODES[act],
+        acc.data_ptr(), work.data_ptr(), n, c, s, num_groups, _GN_ACT_CODES[act],
     )
     return grad_x, grads[0], grads[1], d_scale, d_shift
 
