@@ -1,11 +1,12 @@
-"""The fused GroupNorm + ReLU/SiLU/GELU (+ Proxy Norm) CPU kernel of GroupNormAct against the ATen path it replaces."""
+"""The fused CPU kernels of GroupNormAct (GroupNorm + ReLU/SiLU/GELU + Proxy Norm) and BatchNormAct2d (training
+BatchNorm + ReLU) against the ATen paths they replace."""
 
 import pytest
 import torch
 from test_proxy_norm_fused import _saved_bytes
 
 from ipu_norm.layers import norm_act
-from ipu_norm.layers.norm_act import GroupNormAct, _GroupNormActFn
+from ipu_norm.layers.norm_act import BatchNormAct2d, GroupNormAct, _GroupNormActFn
 from ipu_norm.models import create_model
 from ipu_norm.ops import pn_act_cpu
 
@@ -122,3 +123,85 @@ def test_model_step_is_the_same_with_and_without_the_kernel(arch: str, norm: str
     assert len(calls) == fused_layers  # every norm with an activation took the kernel in the first run, none after
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused training-mode BatchNorm + ReLU kernel of BatchNormAct2d.
+
+
+def _bn_run(layer: BatchNormAct2d, x: torch.Tensor, g: torch.Tensor, fused: bool, steps: int = 3) -> list:
+    norm_act._FUSED_BN_RELU["enabled"] = fused
+    try:
+        assert layer._fused_applies(x) == fused
+        for _ in range(steps):  # the running statistics after several updates
+            out = layer(x)
+            grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], g)
+        return [out, *grads, layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()]
+    finally:
+        norm_act._FUSED_BN_RELU["enabled"] = True
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_bn_relu_matches_the_aten_path(dtype: torch.dtype, momentum: float | None, kernel) -> None:  # noqa: ANN001
+    """Output, gradients of x, gamma, beta, and the running statistics (momentum and cumulative average)."""
+    x = (2.0 * torch.randn(4, 6, 5, 3, dtype=dtype) + 0.5).requires_grad_()
+    g = torch.randn(4, 6, 5, 3, dtype=dtype)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(2)
+        layer = BatchNormAct2d(6, "relu", momentum=momentum).to(dtype)
+        with torch.no_grad():
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+            layer.bias.add_(0.3 * torch.randn_like(layer.bias))
+        layers.append(layer)
+    fused, aten = _bn_run(layers[0], x, g, True), _bn_run(layers[1], x, g, False)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    for a, b in zip(fused, aten):
+        torch.testing.assert_close(a, b, **tol)
+    layers[0].eval()
+    layers[1].eval()
+    assert not layers[0]._fused_applies(x)  # eval: running statistics, ATen
+    torch.testing.assert_close(layers[0](x), layers[1](x), **tol)
+
+
+def test_fused_bn_relu_gradcheck_and_fallbacks(kernel) -> None:  # noqa: ANN001
+    from ipu_norm.layers.norm_act import _BatchNormReluFn  # noqa: PLC0415
+
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: _BatchNormReluFn.apply(x, w, b, 1e-5)[0], (x, w, b))
+    layer = BatchNormAct2d(4, "relu")
+    xf = torch.randn(3, 4, 2, 3)
+    assert layer._fused_applies(xf)
+    assert not layer._fused_applies(xf.to(memory_format=torch.channels_last))
+    assert not layer._fused_applies(torch.randn(1, 4, 1, 1))  # one value per channel: ATen raises its own error
+    assert not BatchNormAct2d(4, "silu")._fused_applies(xf)
+    untracked = BatchNormAct2d(4, "relu")
+    untracked.track_running_stats = False
+    untracked(xf)
+    assert int(untracked.num_batches_tracked) == 0
+
+
+def test_resnet_bn_step_is_the_same_with_and_without_the_kernel(kernel, monkeypatch) -> None:  # noqa: ANN001
+    """ResNet-50 with BatchNorm (float64): loss, every parameter gradient and every running statistic."""
+    calls = []
+    real = norm_act.fused_bn_relu_forward
+    monkeypatch.setattr(norm_act, "fused_bn_relu_forward", lambda *a: calls.append(1) or real(*a))
+    # 4 x 2 x 2 values per channel in the last stage: BatchNorm over very few values amplifies rounding differences.
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = create_model("resnet50", num_classes=10, norm="bn", drop_rate=0.0, drop_path_rate=0.0).double()
+        norm_act._FUSED_BN_RELU["enabled"] = fused
+        try:
+            loss = model(x).logsumexp(dim=1).sum()
+            loss.backward()
+        finally:
+            norm_act._FUSED_BN_RELU["enabled"] = True
+        results.append([loss.detach(), *(p.grad for p in model.parameters()), *model.buffers()])
+    assert len(calls) == 33  # the stem's and two per bottleneck (the third norm has no activation)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

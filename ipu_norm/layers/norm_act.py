@@ -31,7 +31,14 @@ from ipu_norm.layers.proxy_norm import (
     apply_proxy_norm_act,
     relu_add_shift,
 )
-from ipu_norm.ops.pn_act_cpu import fused_gn_act_applies, fused_gn_act_backward, fused_gn_act_forward
+from ipu_norm.ops.pn_act_cpu import (
+    fused_bn_relu_applies,
+    fused_bn_relu_backward,
+    fused_bn_relu_forward,
+    fused_gn_act_applies,
+    fused_gn_act_backward,
+    fused_gn_act_forward,
+)
 from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, running_on_ipu
 
 NORM_KINDS = ("bn", "gn", "ln", "gn+pn", "ln+pn", "none")
@@ -65,6 +72,38 @@ def parse_norm(norm: str | NormSpec) -> NormSpec:
     return NormSpec(base=base, proxy=pn == "pn")
 
 
+# Tests switch the fused kernels off to compare with the ATen path.
+_FUSED_GN_ACT = {"enabled": True}
+_FUSED_BN_RELU = {"enabled": True}
+# Without Proxy Norm, ATen's GroupNorm + activation is faster than the fused kernel on small planes (one layer's
+# forward+backward, batch 8, one thread: 1.2-1.3x slower at 3x3 and 6x6, 1.0-1.1x at 8x8 and 12x12, 0.9x at
+# 24x24); with Proxy Norm the fused kernel is faster at every size measured (0.75-0.97x of ATen GroupNorm + the
+# PN-Act kernel). Each layer takes its faster path.
+FUSED_GN_ACT_MIN_PLANE = 256
+
+
+class _BatchNormReluFn(torch.autograd.Function):
+    """relu(batch_norm(x)) with the batch statistics as one CPU kernel each way (ipu_norm.ops.pn_act_cpu).
+
+    Saves x and the per-channel mean/invstd, as ATen's BatchNorm does (ReLU's saved output is the next layer's
+    input, kept anyway). Returns the biased batch variance too, non-differentiable, for the running statistics.
+    First-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # noqa: ANN001, ANN205
+        out, mean, invstd, var = fused_bn_relu_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):  # noqa: ANN001, ANN205
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        return (*fused_bn_relu_backward(grad_out, x, weight, bias, mean, invstd), None)
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d followed by an activation (state-dict compatible with nn.BatchNorm2d)."""
 
@@ -81,6 +120,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.inplace = inplace and self.act_name in ("relu", "silu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_applies(x):
+            return self._fused_forward(x)
         x = super().forward(x)
         if self.act_name == "relu":
             return F.relu(x, inplace=self.inplace)
@@ -88,17 +129,33 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return F.silu(x, inplace=self.inplace)
         return ACT_FNS[self.act_name](x)
 
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        # Batch statistics (training mode) with ReLU on CPU; eval mode is an affine map, left to ATen.
+        return (
+            _FUSED_BN_RELU["enabled"]
+            and self.training
+            and self.act_name == "relu"
+            and x.dim() == 4
+            and x.numel() > x.shape[1]  # more than one value per channel: BatchNorm's own requirement
+            and fused_bn_relu_applies(x, self.weight)
+            and not running_on_ipu()
+        )
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, mean, var = _BatchNormReluFn.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            # nn.BatchNorm2d's bookkeeping: the momentum, or a cumulative average when it is None, and the
+            # unbiased batch variance in running_var (as ATen's batch_norm updates them).
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                count = x.numel() // x.shape[1]
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * (count / (count - 1)), factor)
+        return out
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act_name}"
-
-
-# Tests switch the fused kernel off to compare with the ATen path.
-_FUSED_GN_ACT = {"enabled": True}
-# Without Proxy Norm, ATen's GroupNorm + activation is faster than the fused kernel on small planes (one layer's
-# forward+backward, batch 8, one thread: 1.2-1.3x slower at 3x3 and 6x6, 1.0-1.1x at 8x8 and 12x12, 0.9x at
-# 24x24); with Proxy Norm the fused kernel is faster at every size measured (0.75-0.97x of ATen GroupNorm + the
-# PN-Act kernel). Each layer takes its faster path.
-FUSED_GN_ACT_MIN_PLANE = 256
 
 
 class _GroupNormActFn(torch.autograd.Function):

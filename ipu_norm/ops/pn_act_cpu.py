@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-_SRCS = tuple(Path(__file__).with_name("csrc") / f for f in ("pn_act_cpu.c", "proxy_stats_cpu.c", "gn_act_cpu.c"))
+_SRCS = tuple(
+    Path(__file__).with_name("csrc") / f for f in ("pn_act_cpu.c", "proxy_stats_cpu.c", "gn_act_cpu.c", "bn_act_cpu.c")
+)
 _ACT_CODES = {"silu": 1, "gelu": 2}
 # -ffast-math lets GCC call glibc's vector expf/erff (libmvec); 512-bit vectors where the CPU has them were
 # ~20% faster than 256-bit here. Part of the cache key.
@@ -89,6 +91,8 @@ def _lib() -> ctypes.CDLL | None:
         fwd.restype = bwd.restype = ctypes.c_int
         getattr(lib, f"gn_act_forward_{suffix}").argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_double, ctypes.c_int]
         getattr(lib, f"gn_act_backward_{suffix}").argtypes = [ptr] * 14 + [i64] * 4 + [ctypes.c_int]
+        getattr(lib, f"bn_relu_forward_{suffix}").argtypes = [ptr] * 7 + [i64] * 3 + [ctypes.c_double]
+        getattr(lib, f"bn_relu_backward_{suffix}").argtypes = [ptr] * 9 + [i64] * 3
     lib.gn_act_work_size.argtypes, lib.gn_act_work_size.restype = [i64, i64], i64
     return lib
 
@@ -231,6 +235,45 @@ def fused_gn_act_backward(
         acc.data_ptr(), work.data_ptr(), n, c, s, num_groups, _GN_ACT_CODES[act],
     )
     return grad_x, grads[0], grads[1], d_scale, d_shift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused training-mode BatchNorm + ReLU: csrc/bn_act_cpu.c.
+
+
+def fused_bn_relu_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether the fused BatchNorm (batch statistics, affine) + ReLU kernel can run on x (N, C, *)."""
+    return weight is not None and weight.dtype == x.dtype and _cpu_kernel_applies(x)
+
+
+def fused_bn_relu_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, invstd, biased var) of relu(batch_norm(x)) with the batch statistics, per channel (C,)."""
+    n, c, s = _dims(x)
+    out = torch.empty_like(x)
+    stats = x.new_empty((3, c))
+    getattr(_lib(), f"bn_relu_forward_{_suffix(x)}")(
+        x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), stats[0].data_ptr(), stats[1].data_ptr(),
+        stats[2].data_ptr(), n, c, s, eps,
+    )
+    return out, stats[0], stats[1], stats[2]
+
+
+def fused_bn_relu_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+    invstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) of `fused_bn_relu_forward` (batch statistics)."""
+    n, c, s = _dims(x)
+    g = grad_out if grad_out.dtype == x.dtype and grad_out.is_contiguous() else grad_out.to(x.dtype).contiguous()
+    grad_x = torch.empty_like(x)
+    grads = x.new_empty((2, c))
+    getattr(_lib(), f"bn_relu_backward_{_suffix(x)}")(
+        g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
+        invstd.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(), n, c, s,
+    )
+    return grad_x, grads[0], grads[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
