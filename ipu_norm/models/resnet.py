@@ -72,6 +72,12 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
+def _add_relu_(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """relu(branch + shortcut), in place on `branch`: the residual branch's last op is a norm (or a conv) whose
+    backward does not read its own output, so the sum and ReLU need no fresh full-size tensors (as timm's blocks)."""
+    return F.relu_(branch.add_(shortcut))
+
+
 class BasicBlock(nn.Module):
     """3x3 (stride) -> norm+ReLU -> 3x3 -> norm; relu(branch + shortcut)."""
 
@@ -103,7 +109,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.norm2(self.conv2(self.norm1(self.conv1(x))))
-        return F.relu(self.drop_path(out) + shortcut)
+        return _add_relu_(self.drop_path(out), shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -139,7 +145,7 @@ class Bottleneck(nn.Module):
         out = self.norm1(self.conv1(x))
         out = self.norm2(self.conv2(out))
         out = self.norm3(self.conv3(out))
-        return F.relu(self.drop_path(out) + shortcut)
+        return _add_relu_(self.drop_path(out), shortcut)
 
 
 class ResNet(StemBlocksHead):
