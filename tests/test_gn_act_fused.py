@@ -8,12 +8,12 @@ from test_proxy_norm_fused import _saved_bytes
 from ipu_norm.layers import norm_act
 from ipu_norm.layers.norm_act import BatchNormAct2d, GroupNormAct, _GroupNormActFn
 from ipu_norm.models import create_model
-from ipu_norm.ops import pn_act_cpu
+from ipu_norm.ops import cpu_kernels
 
 
 @pytest.fixture
 def kernel(one_thread, monkeypatch):  # noqa: ANN001, ANN201
-    if pn_act_cpu._lib() is None:
+    if cpu_kernels._lib() is None:
         pytest.skip("the C kernels could not be built here (no C compiler?)")
     monkeypatch.setattr(norm_act, "FUSED_GN_ACT_MIN_PLANE", 1)  # plain GN + act on these small test planes too
 

@@ -90,13 +90,13 @@ def test_relu_fold_matches_unfolded_proxy_norm() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The fused C kernel for SiLU/GELU on CPU (ipu_norm.ops.pn_act_cpu), used with one intra-op thread.
+# The fused C kernel for SiLU/GELU on CPU (ipu_norm.ops.cpu_kernels), used with one intra-op thread.
 
 
 def _kernel_or_skip() -> None:
-    from ipu_norm.ops import pn_act_cpu  # noqa: PLC0415
+    from ipu_norm.ops import cpu_kernels  # noqa: PLC0415
 
-    if pn_act_cpu._lib() is None:
+    if cpu_kernels._lib() is None:
         pytest.skip("the fused PN-Act C kernel could not be built here (no C compiler?)")
 
 
@@ -162,17 +162,17 @@ def test_relu_shift_c_kernel_matches_the_aten_path(dtype: torch.dtype, one_threa
 
 
 def test_c_kernel_falls_back_to_aten(one_thread, monkeypatch) -> None:  # noqa: ANN001
-    from ipu_norm.ops import pn_act_cpu  # noqa: PLC0415
+    from ipu_norm.ops import cpu_kernels  # noqa: PLC0415
 
     u = torch.randn(2, 3, 4, 4)
-    assert not pn_act_cpu.fused_pn_act_applies(u.transpose(2, 3), "silu")  # not contiguous
-    assert not pn_act_cpu.fused_pn_act_applies(u.bfloat16(), "silu")  # autocast dtypes
-    assert not pn_act_cpu.fused_pn_act_applies(u, "relu")  # ReLU has its own fold
+    assert not cpu_kernels.fused_pn_act_applies(u.transpose(2, 3), "silu")  # not contiguous
+    assert not cpu_kernels.fused_pn_act_applies(u.bfloat16(), "silu")  # autocast dtypes
+    assert not cpu_kernels.fused_pn_act_applies(u, "relu")  # ReLU has its own fold
     torch.set_num_threads(2)
-    assert not pn_act_cpu.fused_pn_act_applies(u, "silu")  # ATen's kernels are parallel
+    assert not cpu_kernels.fused_pn_act_applies(u, "silu")  # ATen's kernels are parallel
     torch.set_num_threads(1)
-    monkeypatch.setattr(pn_act_cpu, "_lib", lambda: None)  # no compiler / build failed
-    assert not pn_act_cpu.fused_pn_act_applies(u, "silu")
+    monkeypatch.setattr(cpu_kernels, "_lib", lambda: None)  # no compiler / build failed
+    assert not cpu_kernels.fused_pn_act_applies(u, "silu")
     layer = create_norm_act("ln+pn", 3, "silu")
     layer(u.requires_grad_()).sum().backward()
     assert u.grad is not None

@@ -257,8 +257,8 @@ def test_load_custom_ops_missing_library(tmp_path) -> None:  # noqa: ANN001
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("act", PROXY_ACTS)
 def test_cpu_kernel_matches_the_aten_implementation(act: str, dtype: torch.dtype, monkeypatch) -> None:
-    """The op's C kernel (ipu_norm.ops.pn_act_cpu) against its ATen implementation, forward and backward op."""
-    from ipu_norm.ops.pn_act_cpu import cpu_proxy_stats_applies  # noqa: PLC0415
+    """The op's C kernel (ipu_norm.ops.cpu_kernels) against its ATen implementation, forward and backward op."""
+    from ipu_norm.ops.cpu_kernels import cpu_proxy_stats_applies  # noqa: PLC0415
 
     ops = importlib.import_module("ipu_norm.ops.proxy_stats")  # the package re-exports a function of that name
 

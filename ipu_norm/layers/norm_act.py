@@ -31,7 +31,7 @@ from ipu_norm.layers.proxy_norm import (
     apply_proxy_norm_act,
     relu_add_shift,
 )
-from ipu_norm.ops.pn_act_cpu import (
+from ipu_norm.ops.cpu_kernels import (
     fused_bn_relu_applies,
     fused_bn_relu_backward,
     fused_bn_relu_forward,
@@ -83,7 +83,7 @@ FUSED_GN_ACT_MIN_PLANE = 256
 
 
 class _BatchNormReluFn(torch.autograd.Function):
-    """relu(batch_norm(x)) with the batch statistics as one CPU kernel each way (ipu_norm.ops.pn_act_cpu).
+    """relu(batch_norm(x)) with the batch statistics as one CPU kernel each way (ipu_norm.ops.cpu_kernels).
 
     Saves x and the per-channel mean/invstd, as ATen's BatchNorm does (ReLU's saved output is the next layer's
     input, kept anyway). Returns the biased batch variance too, non-differentiable, for the running statistics.
@@ -159,7 +159,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
 
 class _GroupNormActFn(torch.autograd.Function):
-    """phi(group_norm(x) * weight + bias) [* scale + shift] as one CPU kernel each way (ipu_norm.ops.pn_act_cpu).
+    """phi(group_norm(x) * weight + bias) [* scale + shift] as one CPU kernel each way (ipu_norm.ops.cpu_kernels).
 
     Saves x and the per-(sample, group) mean/rstd, as ATen's GroupNorm does; unlike GroupNorm followed by an
     activation it does not also save the activation's input. scale/shift (C,) are Proxy Norm's, or None.

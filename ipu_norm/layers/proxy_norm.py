@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
-from ipu_norm.ops.pn_act_cpu import (
+from ipu_norm.ops.cpu_kernels import (
     fused_pn_act_applies,
     fused_pn_act_backward,
     fused_pn_act_forward,
@@ -235,7 +235,7 @@ class _ProxyNormActFn(torch.autograd.Function):
     def forward(ctx, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str) -> torch.Tensor:  # noqa: ANN001
         ctx.fused = fused_pn_act_applies(u, act)
         if ctx.fused:
-            out = fused_pn_act_forward(u, scale, shift, act)  # SiLU/GELU on CPU: one pass (ipu_norm.ops.pn_act_cpu)
+            out = fused_pn_act_forward(u, scale, shift, act)  # SiLU/GELU on CPU: one pass (ipu_norm.ops.cpu_kernels)
         else:
             # In place on phi(u)'s fresh tensor: a broadcasting out-of-place addcmul is several times slower on CPU.
             z = ACT_FNS[act](u)
@@ -268,7 +268,7 @@ class _ReluShiftFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.fused = fused_pn_act_applies(u, "relu_shift")
-        # One pass on CPU (ipu_norm.ops.pn_act_cpu), else in place on relu's fresh tensor.
+        # One pass on CPU (ipu_norm.ops.cpu_kernels), else in place on relu's fresh tensor.
         out = fused_relu_shift_forward(u, shift) if ctx.fused else torch.relu(u).add_(shift)
         ctx.save_for_backward(out, shift)
         return out

@@ -9,7 +9,7 @@ This module is the single definition of that math on CPU/GPU:
   (so the backward is one opaque node under torch.compile too, and is the same math as the C++ kernel).
   The backward op has an analytic backward of its own (double backward, for gradgradcheck / higher order).
 - On CPU (float32/float64) both ops run a C kernel, ``ipu_norm/ops/csrc/proxy_stats_cpu.c`` (one row of n
-  quantiles at a time, 6-9x faster than the ATen code below), built at first use by ``ipu_norm.ops.pn_act_cpu``;
+  quantiles at a time, 6-9x faster than the ATen code below), built at first use by ``ipu_norm.ops.cpu_kernels``;
   without a C compiler, and on other devices, the vectorised ATen implementation below.
 - ``proxy_stats_reference`` is a plain-autograd implementation kept as the independent check.
 - ``proxy_stats`` is what the Proxy Norm layers call: it casts to fp32 (fp64 kept for checks), disables
@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from ipu_norm.ops.pn_act_cpu import cpu_proxy_stats_applies, cpu_proxy_stats_backward, cpu_proxy_stats_forward
+from ipu_norm.ops.cpu_kernels import cpu_proxy_stats_applies, cpu_proxy_stats_backward, cpu_proxy_stats_forward
 
 # ipu_norm.layers imports this module (proxy_norm.py), so ipu_norm.layers.activations is imported lazily
 # inside the functions below: importing ipu_norm.ops first must not hit a circular import.
@@ -188,7 +188,7 @@ _CPU_KERNEL = {"enabled": True}
 
 
 def _use_cpu_kernel(gamma: torch.Tensor, num_quantiles: int) -> bool:
-    # The C kernel (ipu_norm.ops.pn_act_cpu) where it applies; _CPU_KERNEL lets tests run the ATen path.
+    # The C kernel (ipu_norm.ops.cpu_kernels) where it applies; _CPU_KERNEL lets tests run the ATen path.
     return _CPU_KERNEL["enabled"] and cpu_proxy_stats_applies(gamma, num_quantiles)
 
 

@@ -9,7 +9,7 @@
  *             xhat = (x - mean) invstd, y recomputed from x exactly as in the forward.
  * ATen runs BatchNorm's statistics and normalisation, ReLU, and in backward threshold_backward and BatchNorm's
  * reduction and input-gradient passes as separate full-tensor passes. The running statistics are updated by the
- * caller (ipu_norm.layers.norm_act). Single-threaded; built with pn_act_cpu.c by ipu_norm/ops/pn_act_cpu.py.
+ * caller (ipu_norm.layers.norm_act). Single-threaded; built with the other csrc files by ipu_norm/ops/cpu_kernels.py.
  */
 #include <math.h>
 #include <stdint.h>

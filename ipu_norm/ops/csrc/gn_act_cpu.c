@@ -13,7 +13,7 @@
  * then from cache, where ATen's GroupNorm,
  * activation and Proxy Norm kernels each make their own pass over full-size tensors (and the activation saves
  * its input for backward; here only x and the per-block mean/rstd are kept). phi: act 0 = ReLU (phi'(0) = 0, as
- * torch.relu's backward), act 1 = SiLU, act 2 = GELU (exact erf form). Single-threaded; built with pn_act_cpu.c by ipu_norm/ops/pn_act_cpu.py. Per-plane partial
+ * torch.relu's backward), act 1 = SiLU, act 2 = GELU (exact erf form). Single-threaded; built with the other csrc files by ipu_norm/ops/cpu_kernels.py. Per-plane partial
  * sums are vectorised in T and folded into double accumulators.
  */
 #include <math.h>

@@ -4,7 +4,7 @@
  *   forward:  out = phi(u) * scale[c] + shift[c]
  *   backward: grad_u = grad_out * scale[c] * phi'(u);  gsz[c] = sum grad_out * phi(u);  gs[c] = sum grad_out
  * phi: act 1 = SiLU, act 2 = GELU (exact erf form). The same math as ipu_norm.layers.proxy_norm._ProxyNormActFn
- * (ATen path); built at first use by ipu_norm/ops/pn_act_cpu.py with -O3 -march=native -ffast-math so that GCC
+ * (ATen path); built at first use by ipu_norm/ops/cpu_kernels.py with -O3 -march=native -ffast-math so that GCC
  * vectorises expf/erff with glibc's libmvec. Single-threaded. Per-plane sums are folded into double accumulators.
  */
 #include <math.h>

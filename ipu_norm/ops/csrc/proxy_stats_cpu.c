@@ -5,7 +5,7 @@
  * O(C) (mom, may be null); the backward kernel recomputes everything and serves the backward op (double
  * backward). Same formulas as that module's docstring and custom_ops/proxy_stats_kernel.hpp (the PopART side,
  * whose per-element switch does not vectorise); tested against the ATen path. q is the op's own quantile
- * tensor; act: 0 relu, 1 silu, 2 gelu, 3 identity (PROXY_ACTS order). Built with pn_act_cpu.c.
+ * tensor; act: 0 relu, 1 silu, 2 gelu, 3 identity (PROXY_ACTS order). Built with the other csrc files by ipu_norm/ops/cpu_kernels.py.
  */
 #include <math.h>
 #include <stdint.h>

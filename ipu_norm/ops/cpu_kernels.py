@@ -1,18 +1,21 @@
-"""CPU C kernels for Proxy Norm, called through ctypes: the fused SiLU/GELU PN-Act and the proxy statistics.
+"""CPU C kernels of the norm layers, called through ctypes (csrc/*.c, one shared library).
 
-- PN-Act (csrc/pn_act_cpu.c): out = phi(u) * scale + shift in one pass, and in backward grad_u,
-  sum(grad_out * phi(u)) and sum(grad_out) per channel in one pass (the ATen path takes three passes forward
-  and six backward, each on a fresh full-size tensor); likewise relu(u) + shift, the ReLU PN-Act once the PN
-  scale is folded into GroupNorm. Used with one intra-op thread only (see below).
-- Proxy statistics (csrc/proxy_stats_cpu.c): the CPU implementation of the ``ipu_norm::proxy_stats`` op and
-  its backward op, one (n,) row at a time (6-9x faster than the ATen implementation on EfficientNet-B0's
-  19,200 batched channels, single-threaded; used at any thread count).
+- Fused GroupNorm + ReLU/SiLU/GELU, optionally with Proxy Norm's per-channel scale/shift (csrc/gn_act_cpu.c,
+  `GroupNormAct`): statistics, normalisation, activation and PN in one kernel each way, one (sample, group)
+  block at a time while it is in cache; saves only x and the (N, G) statistics.
+- Fused training-mode BatchNorm + ReLU (csrc/bn_act_cpu.c, `BatchNormAct2d`): one channel at a time.
+- PN-Act (csrc/pn_act_cpu.c, standalone `ProxyNormAct` after a norm without affine): out = phi(u) * scale + shift
+  in one pass, and in backward grad_u, sum(grad_out * phi(u)) and sum(grad_out) per channel in one pass;
+  likewise relu(u) + shift, the ReLU PN-Act once the PN scale is folded into GroupNorm.
+- Proxy statistics (csrc/proxy_stats_cpu.c): the CPU implementation of the ``ipu_norm::proxy_stats`` op (with
+  the moments for its O(C) first-order backward) and of its backward op, one (n,) row at a time (6-9x faster
+  than the ATen implementation on EfficientNet-B0's 19,200 batched channels; used at any thread count).
 
-Built at first use with the system C compiler into a per-user cache directory
-(``IPU_NORM_EXT_DIR``, default ``~/.cache/ipu_norm``), a second or so; set ``IPU_NORM_FUSED_PN_ACT=0`` to
-disable it. Where it cannot be built or does not apply (no compiler, not CPU, not float32/float64, not
-contiguous, more than one intra-op thread: the kernel is single-threaded, ATen's are parallel) callers use
-the ATen path, which computes the same function.
+Built at first use with the system C compiler into a per-user cache directory (``IPU_NORM_EXT_DIR``, default
+``~/.cache/ipu_norm``), a few seconds; set ``IPU_NORM_CPU_KERNELS=0`` to disable them. Where they cannot be built
+or do not apply (no compiler, not CPU, not float32/float64, not contiguous, more than one intra-op thread: the
+norm kernels are single-threaded, ATen's are parallel) callers use the ATen path, which computes the same
+function (tested against each other).
 """
 
 from __future__ import annotations
@@ -65,12 +68,12 @@ def _build(srcs: tuple[Path, ...], out: Path) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("IPU_NORM_FUSED_PN_ACT", "1") == "0" or os.name != "posix":
+    if os.environ.get("IPU_NORM_CPU_KERNELS", "1") == "0" or os.name != "posix":
         return None
     src = b"".join(f.read_bytes() for f in _SRCS)
     tag = hashlib.sha256(src + " ".join(_CFLAGS).encode() + _cpu_tag()).hexdigest()[:16]
     root = Path(os.environ.get("IPU_NORM_EXT_DIR", Path.home() / ".cache" / "ipu_norm"))
-    path = root / f"pn_act_cpu-{tag}.so"
+    path = root / f"cpu_kernels-{tag}.so"
     try:
         if not path.exists():
             _build(_SRCS, path)
