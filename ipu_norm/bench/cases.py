@@ -84,7 +84,7 @@ def ipu_norm_agc(clip_factor: float = AGC_CLIP) -> ClipFactory:
     def factory(model: nn.Module) -> Callable[[], None]:
         from ipu_norm.optim.agc import AGC  # noqa: PLC0415
 
-        return AGC(model, clip_factor=clip_factor, prefetch_norms=True).clip_
+        return AGC(model, clip_factor=clip_factor).clip_
 
     return factory
 
