@@ -93,6 +93,19 @@ def test_agc_factories_agree_and_skip_classifier() -> None:
     torch.testing.assert_close(ours[2], ref[2])  # classifier bias untouched
 
 
+def test_agc_step_overhead_pairs_rounds() -> None:
+    # Round r of the two rows was stepped back to back: the paired figure is the median of per-round differences
+    # (here a constant 10 ms, while the unpaired medians' difference also carries the drift between rounds).
+    with_agc = {"step_ms": 120.0, "fwd_bwd_ms": 80.0, "steps_raw_ms": [110.0, 120.0, 200.0],
+                "fwd_bwd_raw_ms": [70.0, 80.0, 150.0]}
+    without = {"step_ms": 100.0, "fwd_bwd_ms": 79.0, "steps_raw_ms": [100.0, 110.0, 190.0],
+               "fwd_bwd_raw_ms": [69.0, 79.0, 149.0]}
+    out = run.agc_step_overhead(with_agc, without)
+    assert out["overhead_ms"] == 20.0 and out["paired_overhead_ms"] == 10.0
+    assert out["overhead_share"] == pytest.approx(20 / 120) and out["paired_overhead_share"] == pytest.approx(10 / 120)
+    assert out["fwd_bwd_overhead_ms"] == 1.0 and out["fwd_bwd_paired_overhead_ms"] == 1.0
+
+
 def test_build_groups_selection() -> None:
     names = [g.name for g in cases.build_groups()]
     assert tuple(names) == cases.GROUP_NAMES
@@ -144,6 +157,10 @@ def test_cli_end_to_end_with_tiny_group(monkeypatch, tmp_path, capsys) -> None: 
     assert summary["ratios"][0]["ratio"] == pytest.approx(rows["a gn"]["img_per_s"] / rows["b timm"]["img_per_s"])
     assert summary["pn_overhead"]["overhead"] == pytest.approx(rows["a gn+pn"]["step_ms"] / rows["a gn"]["step_ms"] - 1)
     assert summary["agc"]["share_of_step"] == pytest.approx(rows["a gn+pn"]["clip_ms"] / rows["a gn+pn"]["step_ms"])
+    agc = summary["agc"]
+    assert agc["overhead_ms"] == pytest.approx(rows["a gn+pn"]["step_ms"] - rows["a gn"]["step_ms"])
+    assert agc["overhead_share"] == pytest.approx(agc["overhead_ms"] / rows["a gn+pn"]["step_ms"])
     assert "PN overhead" in text and "AGC clip call share" in text and "skipped" in text
+    assert "AGC overhead from step difference" in text
     saved = json.loads(out.read_text())
     assert saved["groups"][0]["rows"][0]["variant"] == "a gn+pn" and saved["gemm_peak_flops"] > 0
