@@ -81,7 +81,7 @@ def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             # amortise: reduce each (rows, row_len) view in place. PyTorch's optimizers likewise use their
             # multi-tensor (foreach) paths on accelerators only. These two reads of the model are DRAM-bound
             # (~90% of the clip). Taking the same norms in post-accumulate-grad hooks during backward, hoping
-            # for cache-hot data, was measured NOT to help on NFNet-F0 (1 thread, branch agc-hooks, commit
+            # for cache-hot data, was measured NOT to help on NFNet-F0 (1 thread, see commit
             # 90eb0e8): the tensors are far larger than L2, so backward grew by about what the clip saved.
             for i in idx:
                 norms = torch.linalg.vector_norm(tensors[i].reshape(-1, row_len), dim=1, dtype=acc)
