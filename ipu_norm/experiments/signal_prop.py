@@ -126,8 +126,9 @@ def measure(model: nn.Module, x: torch.Tensor) -> list[BlockStats]:
                 handles.append(block.shortcut.register_forward_hook(
                     lambda _m, _a, out, rec=rec: rec.__setitem__("shortcut", out)))
         else:
+            # A copy: the block adds the shortcut to the branch output in place (ResNet blocks, like timm's).
             handles.append(_last_branch_norm(block).register_forward_hook(
-                lambda _m, _a, out, rec=rec: rec.__setitem__("branch", out)))
+                lambda _m, _a, out, rec=rec: rec.__setitem__("branch", out.clone())))
             if block.downsample is not None:
                 handles.append(block.downsample.register_forward_hook(
                     lambda _m, _a, out, rec=rec: rec.__setitem__("shortcut", out)))
