@@ -43,21 +43,27 @@ int proxy_stats_forward_##SUFFIX(int act, const T *q, int64_t n, int64_t c, cons
     T z[MAX_N], d[MAX_N];                                                                                        \
     for (int64_t ch = 0; ch < c; ++ch) {                                                                         \
         row_act_##SUFFIX(act, q, n, g[ch] * ((T)1 + pg[ch]), b[ch] + g[ch] * pb[ch], z, mom ? d : 0);            \
-        T s = 0;                                                                                                 \
-        for (int64_t i = 0; i < n; ++i) s += z[i];                                                               \
+        if (!mom) {                                                                                              \
+            T s = 0;                                                                                             \
+            for (int64_t i = 0; i < n; ++i) s += z[i];                                                           \
+            const T m = s / (T)n;                                                                                \
+            T ss = 0;                                                                                            \
+            for (int64_t i = 0; i < n; ++i) { T e = z[i] - m; ss += e * e; } /* two-pass: stable */             \
+            mean[ch] = m;                                                                                        \
+            var[ch] = ss / (T)n;                                                                                 \
+            continue;                                                                                            \
+        }                                                                                                        \
+        T s = 0, sb = 0, sd = 0;                                                                                 \
+        for (int64_t i = 0; i < n; ++i) { s += z[i]; sb += d[i]; sd += d[i] * q[i]; }                            \
         const T m = s / (T)n;                                                                                    \
-        T ss = 0;                                                                                                \
-        for (int64_t i = 0; i < n; ++i) { T e = z[i] - m; ss += e * e; } /* two-pass: stable */                 \
+        T ss = 0, sa = 0, sc = 0;                                                                                \
+        for (int64_t i = 0; i < n; ++i) { /* two-pass: the centred sums are stable */                            \
+            T e = z[i] - m, ed = e * d[i];                                                                       \
+            ss += e * e; sa += ed; sc += ed * q[i];                                                              \
+        }                                                                                                        \
         mean[ch] = m;                                                                                            \
         var[ch] = ss / (T)n;                                                                                     \
-        if (mom) {                                                                                               \
-            T sa = 0, sb = 0, sc = 0, sd = 0;                                                                    \
-            for (int64_t i = 0; i < n; ++i) {                                                                    \
-                T ed = (z[i] - m) * d[i];                                                                        \
-                sa += ed; sb += d[i]; sc += ed * q[i]; sd += d[i] * q[i];                                        \
-            }                                                                                                    \
-            mom[ch] = sa; mom[c + ch] = sb; mom[2 * c + ch] = sc; mom[3 * c + ch] = sd;                          \
-        }                                                                                                        \
+        mom[ch] = sa; mom[c + ch] = sb; mom[2 * c + ch] = sc; mom[3 * c + ch] = sd;                              \
     }                                                                                                            \
     return 0;                                                                                                    \
 }                                                                                                                \
