@@ -4,6 +4,7 @@ Recomputation must not change the numbers (same final weights as a run without i
 autograd saves for backward.
 """
 
+import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -22,9 +23,18 @@ def _final_weights(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tens
     return torch.load(result.last_checkpoint, weights_only=True)["model"]
 
 
-def test_recompute_gives_the_same_weights_as_plain_training(tmp_path) -> None:
-    plain = _final_weights(tmp_path, "plain")
-    recomputed = _final_weights(tmp_path, "recompute", "execution.recompute=auto")
+@pytest.mark.parametrize(("norm", "threads"), [("gn", None), ("gn", 1), ("gn+pn", 1)])
+def test_recompute_gives_the_same_weights_as_plain_training(tmp_path, norm: str, threads: int | None) -> None:
+    # One thread: the fused CPU norm kernels (and for gn+pn the batched proxy statistics) run inside the
+    # recomputed segments; with torch's default threads, ATen's kernels.
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        plain = _final_weights(tmp_path, "plain", f"model.norm={norm}")
+        recomputed = _final_weights(tmp_path, "recompute", f"model.norm={norm}", "execution.recompute=auto")
+    finally:
+        torch.set_num_threads(previous)
     assert plain.keys() == recomputed.keys()
     for key in plain:
         torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-5, atol=1e-6)
