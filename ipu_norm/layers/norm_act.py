@@ -164,7 +164,8 @@ class _GroupNormActFn(torch.autograd.Function):
 
     Saves x and the per-(sample, group) mean/rstd, as ATen's GroupNorm does; unlike GroupNorm followed by an
     activation it does not also save the activation's input. scale/shift (C,) are Proxy Norm's, or None.
-    First-order only (the ATen path, taken under create_graph, stays twice differentiable).
+    First-order only: the ATen path (``IPU_NORM_CPU_KERNELS=0``, or more than one torch thread) stays twice
+    differentiable.
     """
 
     @staticmethod
@@ -220,7 +221,7 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_applies(x):
-            # SiLU/GELU on CPU: GroupNorm, activation and Proxy Norm's scale/shift in one kernel each way.
+            # ReLU/SiLU/GELU on CPU: GroupNorm, activation and Proxy Norm's scale/shift in one kernel each way.
             scale, shift = self.proxy_affine() if self.proxy else (None, None)
             return _GroupNormActFn.apply(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps,
                                          self.act_name)
@@ -238,7 +239,7 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
         # Not while PopTorch traces: PopART differentiates the plain ops itself.
         return (
             _FUSED_GN_ACT["enabled"]
-            and (self.proxy or x.dim() > 2 and x[0, 0].numel() >= FUSED_GN_ACT_MIN_PLANE)
+            and (self.proxy or x.numel() >= FUSED_GN_ACT_MIN_PLANE * max(x.shape[0] * x.shape[1], 1))
             and fused_gn_act_applies(x, self.weight, self.act_name)
             and not running_on_ipu()
         )
