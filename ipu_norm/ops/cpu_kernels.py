@@ -79,7 +79,7 @@ def _lib() -> ctypes.CDLL | None:
             _build(_SRCS, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        warnings.warn(f"fused PN-Act C kernel unavailable ({exc}); using the ATen path", RuntimeWarning,
+        warnings.warn(f"ipu_norm CPU C kernels unavailable ({exc}); using the ATen path", RuntimeWarning,
                       stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -181,7 +181,7 @@ def fused_relu_shift_backward(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fused GroupNorm + SiLU/GELU (+ Proxy Norm scale/shift): csrc/gn_act_cpu.c.
+# Fused GroupNorm + ReLU/SiLU/GELU (+ Proxy Norm scale/shift): csrc/gn_act_cpu.c.
 
 
 _GN_ACT_CODES = {"relu": 0, **_ACT_CODES}
@@ -197,12 +197,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _vec(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    # A (C,) parameter or (C,) statistics slice as a contiguous vector of x's dtype (no copy when it already is).
-    if t is None:
-        return None
-    if t.dtype != like.dtype:
-        t = t.to(like.dtype)
-    return t if t.is_contiguous() else t.contiguous()
+    # t (a (C,) parameter or statistics slice, or an incoming gradient) contiguous in like's dtype; no copy when it
+    # already is (.to and .contiguous return t itself then).
+    return None if t is None else t.to(like.dtype).contiguous()
 
 
 def fused_gn_act_forward(
@@ -226,7 +223,7 @@ def fused_gn_act_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift); the last two None when scale is None."""
     n, c, s = _dims(x)
-    g = grad_out if grad_out.dtype == x.dtype and grad_out.is_contiguous() else grad_out.to(x.dtype).contiguous()
+    g = _vec(grad_out, x)
     grad_x = torch.empty_like(x)
     grads = x.new_empty((4 if scale is not None else 2, c))
     acc = torch.empty(4 * c, dtype=torch.float64)
@@ -269,7 +266,7 @@ def fused_bn_relu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_bias) of `fused_bn_relu_forward` (batch statistics)."""
     n, c, s = _dims(x)
-    g = grad_out if grad_out.dtype == x.dtype and grad_out.is_contiguous() else grad_out.to(x.dtype).contiguous()
+    g = _vec(grad_out, x)
     grad_x = torch.empty_like(x)
     grads = x.new_empty((2, c))
     getattr(_lib(), f"bn_relu_backward_{_suffix(x)}")(

@@ -289,6 +289,13 @@ def act_vjp(grad: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
     raise ValueError(f"proxy_stats supports activations {PROXY_ACTS}, got {act!r}")
 
 
+def _param_grads(
+    s0: torch.Tensor, sq: torch.Tensor, gamma: torch.Tensor, proxy_gamma: torch.Tensor, proxy_beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d gamma, d beta, d proxy_gamma, d proxy_beta) from S0 and Sq (module docstring), per channel."""
+    return torch.addcmul(proxy_beta * s0, 1.0 + proxy_gamma, sq), s0, gamma * sq, gamma * s0
+
+
 @torch.library.custom_op("ipu_norm::proxy_stats_backward", mutates_args=())
 def _proxy_stats_backward_op(
     grad_mean: torch.Tensor,
@@ -315,10 +322,7 @@ def _proxy_stats_backward_op(
         # w_ci = d (gm . mean + gv . var) / d u_ci = coef_ci phi'(u_ci); the d mean / d u term of var
         # cancels because sum_i (z_ci - mean_c) = 0.
         w = act_vjp(coef, u, act)
-        s0 = w.sum(dim=1)
-        sq = torch.mv(w, q)
-        d_gamma = torch.addcmul(proxy_beta * s0, 1.0 + proxy_gamma, sq)
-        return d_gamma, s0, gamma * sq, gamma * s0
+        return _param_grads(w.sum(dim=1), torch.mv(w, q), gamma, proxy_gamma, proxy_beta)
 
 
 @_proxy_stats_backward_op.register_fake
@@ -353,8 +357,7 @@ def _backward_forward(ctx, grad_mean, grad_var, _grad_moments):  # noqa: ANN001,
     gm1 = grad_mean * (1.0 / n)
     s0 = torch.addcmul(gv2 * a, gm1, b)
     sq = torch.addcmul(gv2 * cq, gm1, d)
-    d_gamma = torch.addcmul(proxy_beta * s0, 1.0 + proxy_gamma, sq)
-    return d_gamma, s0, gamma * sq, gamma * s0, None, None
+    return (*_param_grads(s0, sq, gamma, proxy_gamma, proxy_beta), None, None)
 
 
 _proxy_stats_op.register_autograd(_backward_forward, setup_context=_setup_forward)

@@ -10,11 +10,11 @@
  * The activation and its derivative run in one loop over the whole block (vectorised expf/erff even where a
  * channel's plane is shorter than a vector: late CNN stages have 3x3 or 6x6 planes); the per-channel work
  * (affine, scale/shift, sums) is multiply-adds. Each block is read from memory once per pass that needs it and
- * then from cache, where ATen's GroupNorm,
- * activation and Proxy Norm kernels each make their own pass over full-size tensors (and the activation saves
- * its input for backward; here only x and the per-block mean/rstd are kept). phi: act 0 = ReLU (phi'(0) = 0, as
- * torch.relu's backward), act 1 = SiLU, act 2 = GELU (exact erf form). Single-threaded; built with the other csrc files by ipu_norm/ops/cpu_kernels.py. Per-plane partial
- * sums are vectorised in T and folded into double accumulators.
+ * then from cache, where ATen's GroupNorm, activation and Proxy Norm kernels each make their own pass over
+ * full-size tensors (and the activation saves its input for backward; here only x and the per-block mean/rstd
+ * are kept). phi: act 0 = ReLU (phi'(0) = 0, as torch.relu's backward), act 1 = SiLU, act 2 = GELU (exact erf
+ * form). Single-threaded; built with the other csrc files by ipu_norm/ops/cpu_kernels.py. Per-plane partial sums
+ * are vectorised in T and folded into double accumulators.
  */
 #include <math.h>
 #include <stdint.h>
