@@ -329,3 +329,133 @@ def test_ddp_clip_after_allreduce() -> None:
     expected = [_reference_clip(p.detach(), p.grad, 0.01).float() for p in params]
     for got, e in zip(results[0]["clipped"], expected):
         torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Norms recorded by the Scaled-WS kernel (ipu_norm.ops.unit_norms): used only while they describe the tensors.
+# --------------------------------------------------------------------------------------------------------------
+
+def _ws_net() -> nn.Module:
+    from ipu_norm.layers.weight_std import ScaledStdConv2d
+
+    torch.manual_seed(3)
+    return nn.Sequential(ScaledStdConv2d(3, 12, 3), nn.ReLU(), ScaledStdConv2d(12, 16, 3, stride=2), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1)).double()
+
+
+def _ws_backward(model: nn.Module, seed: int = 0) -> None:
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    (model(x) * torch.linspace(-3, 3, 8, dtype=torch.float64).view(1, 8, 1, 1)).sum().backward()
+
+
+def _expected(params: list[nn.Parameter], clip: float) -> list[torch.Tensor]:
+    return [_reference_clip(p.detach(), p.grad, clip) for p in params]
+
+
+def _ws_weights(model: nn.Module) -> list[nn.Parameter]:
+    return [model[0].weight, model[2].weight]
+
+
+@pytest.fixture
+def ws_kernel(one_thread: None) -> None:  # noqa: ARG001
+    from ipu_norm.ops import cpu_kernels
+
+    if not cpu_kernels.ws_kernel_applies(torch.zeros(2, 2)):
+        pytest.skip("CPU C kernels unavailable (no C compiler)")
+
+
+def test_recorded_norms_give_the_reference_clip(ws_kernel: None) -> None:  # noqa: ARG001
+    from ipu_norm.ops import unit_norms
+
+    model = _ws_net()
+    params = list(model.parameters())
+    _ws_backward(model)
+    assert all(p in unit_norms._GRAD and p in unit_norms._WEIGHT for p in _ws_weights(model))
+    clip = 0.5 * min((unitwise_norm(p.grad) / unitwise_norm(p.detach())).median().item() for p in params)
+    expected = _expected(params, clip)
+    assert any((e != p.grad).any() for e, p in zip(expected, params))  # some units are clipped
+    assert any((e == p.grad).any() for e, p in zip(expected, params))  # and some are not
+    adaptive_clip_grad_(params, clip)
+    assert not any(p in unit_norms._GRAD or p in unit_norms._WEIGHT for p in params)  # consumed
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("change", ["grad_mul", "weight_add", "accumulate", "zero_grad_keeps_tensor",
+                                    "grad_replaced", "unscale_kernel"])
+def test_stale_recorded_norms_are_not_used(change: str, ws_kernel: None) -> None:  # noqa: ARG001
+    # Each change makes the recorded norms wrong; the clip must notice and take the norms of the actual tensors.
+    model = _ws_net()
+    params = list(model.parameters())
+    if change == "zero_grad_keeps_tensor":
+        _ws_backward(model, seed=1)
+        model.zero_grad(set_to_none=False)  # .grad stays: the next backward accumulates into it in place
+    _ws_backward(model)
+    if change == "accumulate":
+        _ws_backward(model, seed=2)  # a second micro-batch: AccumulateGrad adds it in place
+    with torch.no_grad():
+        if change == "grad_mul":
+            model[0].weight.grad.mul_(7.0)
+        elif change == "weight_add":
+            model[2].weight.add_(0.5)
+        elif change == "grad_replaced":
+            model[0].weight.grad = model[0].weight.grad * 7.0
+        elif change == "unscale_kernel":  # GradScaler.unscale_'s kernel: in place, no version bump
+            grads = [p.grad for p in params]
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros(1), torch.full((1,), 0.125))
+    clip = 0.5 * min((unitwise_norm(p.grad) / unitwise_norm(p.detach())).median().item() for p in params)
+    expected = _expected(params, clip)
+    adaptive_clip_grad_(params, clip)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=0)
+
+
+def test_recorded_norms_with_grad_scaler_and_optimizer_steps(ws_kernel: None) -> None:  # noqa: ARG001
+    # GradScaler's unscale_ rewrites the gradients in place (recorded gradient norms are then of the scaled ones)
+    # and each optimizer step changes the weights: AGC.step_ over several steps equals clipping with norms computed
+    # from scratch (use_recorded_norms=False).
+    def run(use_recorded: bool) -> list[torch.Tensor]:
+        model = _ws_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        agc = AGC(model.parameters(), clip_factor=0.02, use_recorded_norms=use_recorded)
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            scaler.scale(model(x).square().mean()).backward()
+            agc.step_(opt, scaler if step else None)  # step 0 without the scaler: the recorded norms are used
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def _ddp_ws_worker(rank: int, world: int, out_dir: str) -> None:
+    # One backward: the Scaled-WS kernel records the norms of the *local* gradient; DDP's all-reduce then replaces
+    # it with the mean over ranks, so the recorded gradient norms must not be used.
+    model = nn.parallel.DistributedDataParallel(_ws_net())
+    agc = AGC(model.module.parameters(), clip_factor=0.01)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(200 + rank))
+    model(x).square().mean().backward()
+    agc.clip_()
+    torch.save({"clipped": [p.grad.clone() for p in model.parameters()], "x": x},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two spawned processes
+def test_ddp_clip_after_allreduce_with_recorded_norms() -> None:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo unavailable")
+    world = 2
+    with tempfile.TemporaryDirectory() as out_dir:
+        spawn_gloo(_ddp_ws_worker, (out_dir,), Path(out_dir), nprocs=world)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    model = _ws_net()
+    params = list(model.parameters())
+    for r in range(world):
+        (model(results[r]["x"]).square().mean() / world).backward()
+    expected = [_reference_clip(p.detach(), p.grad, 0.01) for p in params]
+    for rank in range(world):
+        for got, e in zip(results[rank]["clipped"], expected):
+            torch.testing.assert_close(got, e, rtol=1e-10, atol=1e-14)

@@ -7,6 +7,8 @@
 - PN-Act (csrc/pn_act_cpu.c, standalone `ProxyNormAct` after a norm without affine): out = phi(u) * scale + shift
   in one pass, and in backward grad_u, sum(grad_out * phi(u)) and sum(grad_out) per channel in one pass;
   likewise relu(u) + shift, the ReLU PN-Act once the PN scale is folded into GroupNorm.
+- Scaled Weight Standardization (csrc/ws_cpu.c, `ipu_norm.layers.weight_std`): one weight row at a time, forward
+  and backward, with the unit-wise squared norms of the weight and of its gradient that AGC needs as by-products.
 - Proxy statistics (csrc/proxy_stats_cpu.c): the CPU implementation of the ``ipu_norm::proxy_stats`` op (with
   the moments for its O(C) first-order backward) and of its backward op, one (n,) row at a time (6-9x faster
   than the ATen implementation on EfficientNet-B0's 19,200 batched channels; used at any thread count).
@@ -33,7 +35,8 @@ from pathlib import Path
 import torch
 
 _SRCS = tuple(
-    Path(__file__).with_name("csrc") / f for f in ("pn_act_cpu.c", "proxy_stats_cpu.c", "gn_act_cpu.c", "bn_act_cpu.c")
+    Path(__file__).with_name("csrc") / f
+    for f in ("pn_act_cpu.c", "proxy_stats_cpu.c", "gn_act_cpu.c", "bn_act_cpu.c", "ws_cpu.c")
 )
 _ACT_CODES = {"silu": 1, "gelu": 2}
 # -ffast-math lets GCC call glibc's vector expf/erff (libmvec); 512-bit vectors where the CPU has them were
@@ -96,6 +99,8 @@ def _lib() -> ctypes.CDLL | None:
         getattr(lib, f"gn_act_backward_{suffix}").argtypes = [ptr] * 14 + [i64] * 4 + [ctypes.c_int]
         getattr(lib, f"bn_relu_forward_{suffix}").argtypes = [ptr] * 7 + [i64] * 3 + [ctypes.c_double]
         getattr(lib, f"bn_relu_backward_{suffix}").argtypes = [ptr] * 9 + [i64] * 3
+        getattr(lib, f"ws_forward_{suffix}").argtypes = [ptr] * 8 + [i64] * 2 + [ctypes.c_int] + [ctypes.c_double] * 2
+        getattr(lib, f"ws_backward_{suffix}").argtypes = [ptr] * 9 + [i64] * 2
     lib.gn_act_work_size.argtypes, lib.gn_act_work_size.restype = [i64, i64], i64
     return lib
 
@@ -210,8 +215,9 @@ def fused_gn_act_forward(
     n, c, s = _dims(x)
     out = torch.empty_like(x)
     stats = x.new_empty((2, n, num_groups))
+    sc, sh = _vec(scale, x), _vec(shift, x)  # held: a converted copy must outlive the call
     getattr(_lib(), f"gn_act_forward_{_suffix(x)}")(
-        x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(_vec(scale, x)), _ptr(_vec(shift, x)),
+        x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(sc), _ptr(sh),
         stats[0].data_ptr(), stats[1].data_ptr(), n, c, s, num_groups, eps, _GN_ACT_CODES[act],
     )
     return out, stats[0], stats[1]
@@ -229,8 +235,9 @@ def fused_gn_act_backward(
     acc = torch.empty(4 * c, dtype=torch.float64)
     work = x.new_empty(_lib().gn_act_work_size(c // num_groups, s))  # phi and phi' of one chunk of channels
     d_scale, d_shift = (grads[2], grads[3]) if scale is not None else (None, None)
+    sc = _vec(scale, x)  # held: a converted copy must outlive the call
     getattr(_lib(), f"gn_act_backward_{_suffix(x)}")(
-        g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(_vec(scale, x)),
+        g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(sc),
         mean.data_ptr(), rstd.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(), _ptr(d_scale), _ptr(d_shift),
         acc.data_ptr(), work.data_ptr(), n, c, s, num_groups, _GN_ACT_CODES[act],
     )
@@ -328,3 +335,53 @@ def cpu_proxy_stats_backward(
     if rc:
         raise RuntimeError(f"proxy_stats C kernel failed ({rc})")
     return tuple(outs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scaled Weight Standardization: csrc/ws_cpu.c.
+
+_WS_FORM_CODES = {"deepmind": 0, "timm": 1}
+
+
+def ws_kernel_applies(weight: torch.Tensor) -> bool:
+    """Whether the weight-standardization kernel can run on this (out, ...) weight."""
+    return _cpu_kernel_applies(weight)
+
+
+def ws_forward(
+    weight: torch.Tensor, gain: torch.Tensor | None, form: str, eps: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_hat, mean, invstd, c, clamped, sum W^2) per row of weight; the per-row vectors are (out,).
+
+    W_hat = (W - mean) * invstd * c as in `ipu_norm.layers.weight_std._ScaledStdWeightFn`; clamped (bool) marks
+    DeepMind's clamped rows (all False for timm's form); the row sums of squares are float64.
+    """
+    out = weight.shape[0]
+    y = torch.empty_like(weight)
+    vecs = weight.new_empty((3, out))
+    clamped = torch.empty(out, dtype=torch.bool)
+    wsq = torch.empty(out, dtype=torch.float64)
+    gain_vec = _vec(None if gain is None else gain.reshape(-1), weight)  # held: a converted copy must outlive the call
+    getattr(_lib(), f"ws_forward_{_suffix(weight)}")(
+        weight.data_ptr(), y.data_ptr(), _ptr(gain_vec),
+        vecs[0].data_ptr(), vecs[1].data_ptr(), vecs[2].data_ptr(), clamped.data_ptr(), wsq.data_ptr(), out,
+        weight.numel() // max(out, 1), _WS_FORM_CODES[form], eps, gamma,
+    )
+    return y, vecs[0], vecs[1], vecs[2], clamped, wsq
+
+
+def ws_backward(
+    grad_out: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, c: torch.Tensor,
+    clamped: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dW, dL/dc per row, sum (dL/dW)^2 per row in float64) of `ws_forward`'s W_hat."""
+    out = weight.shape[0]
+    g = _vec(grad_out, weight)
+    grad_w = torch.empty_like(weight)
+    grad_c = weight.new_empty(out)
+    gsq = torch.empty(out, dtype=torch.float64)
+    getattr(_lib(), f"ws_backward_{_suffix(weight)}")(
+        g.data_ptr(), weight.data_ptr(), grad_w.data_ptr(), mean.data_ptr(), invstd.data_ptr(), c.data_ptr(),
+        clamped.data_ptr(), grad_c.data_ptr(), gsq.data_ptr(), out, weight.numel() // max(out, 1),
+    )
+    return grad_w, grad_c, gsq
