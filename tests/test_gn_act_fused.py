@@ -36,25 +36,44 @@ def _run(layer: GroupNormAct, x: torch.Tensor, g: torch.Tensor, fused: bool) -> 
         norm_act._FUSED_GN_ACT["enabled"] = True
 
 
+# Planes of the kernel's two chunkings: several channels per chunk (s < 2048, the 3x3-12x12 planes of late stages)
+# and one channel per chunk (s >= 2048).
+PLANES = {"small": (5, 7), "chunked": (9, 13), "long": (48, 49)}
+
+
+@pytest.mark.parametrize("plane", list(PLANES))
 @pytest.mark.parametrize("proxy", [False, True], ids=["gn", "gn+pn"])
 @pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_gn_act_matches_the_aten_path(dtype: torch.dtype, act: str, groups: int, proxy: bool, kernel) -> None:  # noqa: ANN001
+def test_fused_gn_act_matches_the_aten_path(dtype: torch.dtype, act: str, groups: int, proxy: bool, plane: str,
+                                            kernel) -> None:  # noqa: ANN001
     """Output and the gradients of x, gamma, beta (and gamma~, beta~ through the proxy statistics)."""
+    h, w = PLANES[plane]
     layer = _layer(dtype, act, groups, proxy)
-    x = (2.5 * torch.randn(3, 12, 5, 7, dtype=dtype) + 0.7).requires_grad_()  # a mean and both tails of phi
-    g = torch.randn(3, 12, 5, 7, dtype=dtype)
+    x = (2.5 * torch.randn(3, 12, h, w, dtype=dtype) + 0.7).requires_grad_()  # a mean and both tails of phi
+    g = torch.randn(3, 12, h, w, dtype=dtype)
     fused, aten = _run(layer, x, g, True), _run(layer, x, g, False)
     assert len(fused) == (6 if proxy else 4)
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
-    for a, b in zip(fused, aten):
-        torch.testing.assert_close(a, b, **tol)
+    if dtype == torch.float64:
+        for a, b in zip(fused, aten):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        return
+    # float32: the parameter gradients are sums over N * H * W values (7,000 on the long plane), whose float32
+    # rounding differs between the two paths; both are compared with the float64 result instead.
+    exact = _run(layer.double(), x.detach().double().requires_grad_(), g.double(), False)
+    for i, (a, b, e) in enumerate(zip(fused, aten, exact)):
+        if i < 2:  # output and grad_x: elementwise
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+        else:
+            err_fused, err_aten = (a.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
+            assert err_fused <= max(2 * err_aten, 2e-5 * e.abs().max().item()), (i, err_fused, err_aten)
 
 
+@pytest.mark.parametrize("plane", [(3, 4), (8, 9)], ids=["small", "chunked"])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
-def test_fused_gn_act_gradcheck(act: str, kernel) -> None:  # noqa: ANN001
-    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+def test_fused_gn_act_gradcheck(act: str, plane: tuple[int, int], kernel) -> None:  # noqa: ANN001
+    x = torch.randn(2, 6, *plane, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
