@@ -11,11 +11,18 @@ from ipu_norm.models import create_model
 from ipu_norm.ops import cpu_kernels
 
 
-@pytest.fixture
-def kernel(one_thread, monkeypatch):  # noqa: ANN001, ANN201
+@pytest.fixture(params=["cpp_op", "python_fn"])
+def kernel(request, one_thread, monkeypatch):  # noqa: ANN001, ANN201
+    """The fused kernels, reached through the C++ autograd op or through the Python autograd function."""
     if cpu_kernels._lib() is None:
         pytest.skip("the C kernels could not be built here (no C compiler?)")
+    if request.param == "cpp_op":
+        if not cpu_kernels._cpp_ops():
+            pytest.skip("the C++ op could not be built here (no ninja / C++ compiler?)")
+    else:
+        monkeypatch.setattr(cpu_kernels, "_cpp_ops", lambda: False)
     monkeypatch.setattr(norm_act, "FUSED_GN_ACT_MIN_PLANE", 1)  # plain GN + act on these small test planes too
+    return request.param
 
 
 def _layer(dtype: torch.dtype, act: str, groups: int, proxy: bool) -> GroupNormAct:
@@ -78,9 +85,31 @@ def test_fused_gn_act_gradcheck(act: str, plane: tuple[int, int], kernel) -> Non
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
     t = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _GroupNormActFn.apply(*a, 3, 1e-3, act), (x, w, b, s, t))
-    assert torch.autograd.gradcheck(lambda x, w, b: _GroupNormActFn.apply(x, w, b, None, None, 2, 1e-3, act),
-                                    (x, w, b))
+    if kernel == "cpp_op":
+        def fn(x, w, b, s=None, t=None, groups=3):  # noqa: ANN001, ANN202
+            return cpu_kernels.fused_gn_act(x, w, b, s, t, groups, 1e-3, act)
+    else:
+        def fn(x, w, b, s=None, t=None, groups=3):  # noqa: ANN001, ANN202
+            return _GroupNormActFn.apply(x, w, b, s, t, groups, 1e-3, act)
+    assert torch.autograd.gradcheck(fn, (x, w, b, s, t))
+    assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, b, groups=2), (x, w, b))
+
+
+def test_fused_paths_are_first_order_only(kernel) -> None:  # noqa: ANN001
+    # Both paths (the Python one through once_differentiable): a backward that records a graph raises instead of
+    # returning gradients without one.
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    w, b = torch.ones(6, dtype=torch.float64, requires_grad=True), torch.zeros(6, dtype=torch.float64)
+
+    def out() -> torch.Tensor:
+        if kernel == "cpp_op":
+            return cpu_kernels.fused_gn_act(x, w, b, None, None, 3, 1e-3, "silu")
+        return _GroupNormActFn.apply(x, w, b, None, None, 3, 1e-3, "silu")
+
+    assert torch.autograd.grad(out().sum(), x)[0].shape == x.shape
+    with pytest.raises(RuntimeError, match="first-order only|differentiate twice|does not require grad"):
+        (g2,) = torch.autograd.grad(out().sum(), x, create_graph=True)
+        g2.sum().backward()
 
 
 def test_fused_gn_act_saves_only_its_input(kernel) -> None:  # noqa: ANN001
@@ -121,8 +150,9 @@ def test_model_step_is_the_same_with_and_without_the_kernel(arch: str, norm: str
                                                             monkeypatch) -> None:  # noqa: ANN001
     """A whole model (float64, batched proxy statistics): loss and every parameter gradient."""
     calls = []
-    real = norm_act.fused_gn_act_forward
-    monkeypatch.setattr(norm_act, "fused_gn_act_forward", lambda *a: calls.append(1) or real(*a))
+    name = "fused_gn_act" if kernel == "cpp_op" else "fused_gn_act_forward"  # what each path calls per layer
+    real = getattr(norm_act, name)
+    monkeypatch.setattr(norm_act, name, lambda *a: calls.append(1) or real(*a))
     model = create_model(arch, num_classes=10, norm=norm, drop_rate=0.0, drop_path_rate=0.0).double()
     with torch.no_grad():
         for name, p in model.named_parameters():

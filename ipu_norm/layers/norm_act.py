@@ -35,6 +35,7 @@ from ipu_norm.ops.cpu_kernels import (
     fused_bn_relu_applies,
     fused_bn_relu_backward,
     fused_bn_relu_forward,
+    fused_gn_act,
     fused_gn_act_applies,
     fused_gn_act_backward,
     fused_gn_act_forward,
@@ -170,16 +171,16 @@ class _GroupNormActFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, act):  # noqa: ANN001, ANN205
-        out, mean, rstd = fused_gn_act_forward(x, weight, bias, scale, shift, num_groups, eps, act)
-        ctx.save_for_backward(x, weight, bias, scale, mean, rstd)
+        out, stats = fused_gn_act_forward(x, weight, bias, scale, shift, num_groups, eps, act)
+        ctx.save_for_backward(x, weight, bias, scale, stats)
         ctx.num_groups, ctx.act = num_groups, act
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
-        grads = fused_gn_act_backward(grad_out, x, weight, bias, scale, mean, rstd, ctx.num_groups, ctx.act)
+        x, weight, bias, scale, stats = ctx.saved_tensors
+        grads = fused_gn_act_backward(grad_out, x, weight, bias, scale, stats, ctx.num_groups, ctx.act)
         return (*grads, None, None, None)
 
 
@@ -223,6 +224,9 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
         if self._fused_applies(x):
             # ReLU/SiLU/GELU on CPU: GroupNorm, activation and Proxy Norm's scale/shift in one kernel each way.
             scale, shift = self.proxy_affine() if self.proxy else (None, None)
+            out = fused_gn_act(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps, self.act_name)
+            if out is not None:  # the C++ autograd op
+                return out
             return _GroupNormActFn.apply(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps,
                                          self.act_name)
         if not self.proxy:

@@ -13,6 +13,10 @@
   the moments for its O(C) first-order backward) and of its backward op, one (n,) row at a time (6-9x faster
   than the ATen implementation on EfficientNet-B0's 19,200 batched channels; used at any thread count).
 
+GroupNormAct reaches its kernels through a small C++ autograd op (csrc/gn_act_op.cpp, ``ipu_norm_cpp::gn_act``,
+built with torch's cpp_extension; ``IPU_NORM_CPP_OPS=0`` disables it): its autograd glue in Python cost about as much
+as the kernels on small planes. Without it, a Python autograd function calls the same kernels.
+
 Built at first use with the system C compiler into a per-user cache directory (``IPU_NORM_EXT_DIR``, default
 ``~/.cache/ipu_norm``), a few seconds; set ``IPU_NORM_CPU_KERNELS=0`` to disable them. Where they cannot be built
 or do not apply (no compiler, not CPU, not float32/float64, not contiguous, more than one intra-op thread: the
@@ -105,13 +109,18 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def _cpu_kernel_applies(u: torch.Tensor) -> bool:
     # Where the single-threaded C kernels of this module may replace ATen's ops on u (see the module docstring).
+    # Called once per layer and step: cheap attribute checks only (u.is_cpu, not u.device.type, which builds a
+    # device object).
     if torch.compiler.is_compiling():
         return False  # an opaque ctypes call: torch.compile generates its own fused kernel for the ATen ops
     return (
-        u.device.type == "cpu"
-        and u.dtype in (torch.float32, torch.float64)
+        u.is_cpu
+        and u.dtype in _KERNEL_DTYPES
         and u.dim() >= 2
         and u.is_contiguous()
         and torch.get_num_threads() == 1
@@ -202,46 +211,140 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _vec(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    # t (a (C,) parameter or statistics slice, or an incoming gradient) contiguous in like's dtype; no copy when it
-    # already is (.to and .contiguous return t itself then).
-    return None if t is None else t.to(like.dtype).contiguous()
+    # t (a (C,) parameter or statistics slice, or an incoming gradient) contiguous in like's dtype. The attribute
+    # checks first: .to and .contiguous return t itself when nothing is to do, but each is still a dispatcher call,
+    # and between heavy kernels (caches cold) every such call costs several microseconds.
+    if t is None or (t.dtype == like.dtype and t.is_contiguous()):
+        return t
+    return t.to(like.dtype).contiguous()
+
+
+@functools.cache
+def _fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    # The ctypes function of one kernel for one dtype (f32/f64), looked up once.
+    return getattr(_lib(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+@functools.lru_cache(maxsize=256)
+def _gn_work_bytes(c: int, cg: int, s: int, itemsize: int) -> tuple[int, int]:
+    # (total bytes, offset of the T workspace) of the backward's one scratch buffer: 4 c double accumulators, then
+    # gn_act_work_size(cg, s) values of T (64-byte aligned).
+    acc = (4 * c * 8 + 63) // 64 * 64
+    return acc + _lib().gn_act_work_size(cg, s) * itemsize, acc
+
+
+_OP_SRC = Path(__file__).with_name("csrc") / "gn_act_op.cpp"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpp_ops() -> bool:
+    """Whether the C++ autograd op ``ipu_norm_cpp::gn_act`` (csrc/gn_act_op.cpp) is loaded.
+
+    Built at first use with torch's cpp_extension (about 20 s, needs ninja and a C++ compiler) into the same cache
+    directory as the C library, whose kernels it calls; ``IPU_NORM_CPP_OPS=0`` disables it. Where it cannot be
+    built, GroupNormAct keeps the Python autograd function around the same kernels (`fused_gn_act_forward` /
+    `fused_gn_act_backward`): same results, more interpreter work per layer.
+    """
+    if os.environ.get("IPU_NORM_CPP_OPS", "1") == "0" or _lib() is None:
+        return False
+    import logging  # noqa: PLC0415
+
+    # cpp_extension logs a CUDA_HOME warning at import on machines without CUDA: irrelevant for this CPU op.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension  # noqa: PLC0415
+
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not available")
+        src = _OP_SRC.read_bytes()
+        tag = hashlib.sha256(src + torch.__version__.encode() + _cpu_tag()).hexdigest()[:16]
+        root = Path(os.environ.get("IPU_NORM_EXT_DIR", Path.home() / ".cache" / "ipu_norm"))
+        so = root / f"gn_act_op-{tag}.so"
+        if so.exists():
+            torch.ops.load_library(str(so))
+        else:
+            # Built in a directory of this process's own (no shared lock file that a killed build could leave
+            # behind), then moved into place atomically for the next processes.
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                name = f"ipu_norm_gn_act_op_{tag}"
+                cpp_extension.load(name=name, sources=[str(_OP_SRC)], build_directory=tmp, extra_cflags=["-O2"],
+                                   is_python_module=False, verbose=False)
+                os.replace(Path(tmp) / f"{name}.so", so)
+        lib = _lib()
+        addr = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in (
+            "gn_act_forward_f32", "gn_act_forward_f64", "gn_act_backward_f32", "gn_act_backward_f64",
+            "gn_act_work_size")]
+        torch.ops.ipu_norm_cpp.set_kernels(*addr)
+    except Exception as exc:  # noqa: BLE001 - any build or load failure: the Python path serves
+        warnings.warn(f"ipu_norm C++ op unavailable ({exc}); GroupNormAct uses its Python autograd function",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def fused_gn_act(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+    shift: torch.Tensor | None, num_groups: int, eps: float, act: str,
+) -> torch.Tensor | None:
+    """phi(group_norm(x) * weight + bias) [* scale + shift] through the C++ autograd op (differentiable, first
+    order), or None where that op is not available (the caller then uses its Python autograd function)."""
+    if not _cpp_ops():
+        return None
+    return torch.ops.ipu_norm_cpp.gn_act(x, weight, bias, _vec(scale, x), _vec(shift, x), num_groups, eps,
+                                         _GN_ACT_CODES[act])
 
 
 def fused_gn_act_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
     shift: torch.Tensor | None, num_groups: int, eps: float, act: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, mean, rstd): out = phi(group_norm(x) * weight + bias) [* scale + shift]; mean/rstd (N, G)."""
-    n, c, s = _dims(x)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, stats): out = phi(group_norm(x) * weight + bias) [* scale + shift]; stats (2, N, G) = (mean, rstd).
+
+    Few torch calls on purpose (see `_vec`): one allocation each for out and stats, pointers into stats.
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
     out = torch.empty_like(x)
     stats = x.new_empty((2, n, num_groups))
     sc, sh = _vec(scale, x), _vec(shift, x)  # held: a converted copy must outlive the call
-    getattr(_lib(), f"gn_act_forward_{_suffix(x)}")(
+    sp = stats.data_ptr()
+    _fn("gn_act_forward", x.dtype)(
         x.data_ptr(), out.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(sc), _ptr(sh),
-        stats[0].data_ptr(), stats[1].data_ptr(), n, c, s, num_groups, eps, _GN_ACT_CODES[act],
+        sp, sp + n * num_groups * x.element_size(), n, c, s, num_groups, eps, _GN_ACT_CODES[act],
     )
-    return out, stats[0], stats[1]
+    return out, stats
 
 
 def fused_gn_act_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
-    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, act: str,
+    stats: torch.Tensor, num_groups: int, act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift); the last two None when scale is None."""
-    n, c, s = _dims(x)
+    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift); the last two None when scale is None.
+
+    stats: the forward's (2, N, G) (mean, rstd). Allocations: grad_x, the (2 or 4, C) parameter gradients and one
+    scratch buffer (accumulators and the phi/phi' workspace).
+    """
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    isz = x.element_size()
     g = _vec(grad_out, x)
     grad_x = torch.empty_like(x)
     grads = x.new_empty((4 if scale is not None else 2, c))
-    acc = torch.empty(4 * c, dtype=torch.float64)
-    work = x.new_empty(_lib().gn_act_work_size(c // num_groups, s))  # phi and phi' of one chunk of channels
-    d_scale, d_shift = (grads[2], grads[3]) if scale is not None else (None, None)
+    nbytes, work_off = _gn_work_bytes(c, c // num_groups, s, isz)
+    scratch = torch.empty(nbytes, dtype=torch.uint8)
     sc = _vec(scale, x)  # held: a converted copy must outlive the call
-    getattr(_lib(), f"gn_act_backward_{_suffix(x)}")(
+    sp, gp, wp = stats.data_ptr(), grads.data_ptr(), scratch.data_ptr()
+    row = c * isz
+    _fn("gn_act_backward", x.dtype)(
         g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(sc),
-        mean.data_ptr(), rstd.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(), _ptr(d_scale), _ptr(d_shift),
-        acc.data_ptr(), work.data_ptr(), n, c, s, num_groups, _GN_ACT_CODES[act],
+        sp, sp + n * num_groups * isz, gp, gp + row, gp + 2 * row if sc is not None else None,
+        gp + 3 * row if sc is not None else None, wp, wp + work_off, n, c, s, num_groups, _GN_ACT_CODES[act],
     )
-    return grad_x, grads[0], grads[1], d_scale, d_shift
+    if sc is None:
+        d_weight, d_bias = grads.unbind(0)
+        return grad_x, d_weight, d_bias, None, None
+    return (grad_x, *grads.unbind(0))
 
 
 # ----------------------------------------------------------------------------------------------------------
