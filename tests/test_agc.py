@@ -293,6 +293,15 @@ def test_grad_scaler_unscale_before_clip() -> None:
 # AGC after that clips the global gradient, identically on every rank.
 # --------------------------------------------------------------------------------------------------------------
 
+def _run_ddp(worker, world: int) -> list[dict]:  # noqa: ANN001
+    """Run worker(rank, world, out_dir) in `world` gloo processes; each rank's saved dict, in rank order."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo unavailable")
+    with tempfile.TemporaryDirectory() as out_dir:
+        spawn_gloo(worker, (out_dir,), Path(out_dir), nprocs=world)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
 def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     model = nn.parallel.DistributedDataParallel(_toy())
     agc = AGC(model.module.parameters(), clip_factor=0.01)
@@ -311,12 +320,8 @@ def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow  # two spawned processes: ~5-20 s of interpreter start-up on a loaded machine
 def test_ddp_clip_after_allreduce() -> None:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo unavailable")
     world = 2
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn_gloo(_ddp_worker, (out_dir,), Path(out_dir), nprocs=world)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    results = _run_ddp(_ddp_worker, world)
     # Identical on every rank.
     for a, b in zip(results[0]["clipped"], results[1]["clipped"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -445,12 +450,8 @@ def _ddp_ws_worker(rank: int, world: int, out_dir: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow  # two spawned processes
 def test_ddp_clip_after_allreduce_with_recorded_norms() -> None:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo unavailable")
     world = 2
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn_gloo(_ddp_ws_worker, (out_dir,), Path(out_dir), nprocs=world)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    results = _run_ddp(_ddp_ws_worker, world)
     model = _ws_net()
     params = list(model.parameters())
     for r in range(world):
