@@ -124,7 +124,7 @@ class _ScaledStdWeightFn(torch.autograd.Function):
             ctx.weight_version = weight._version
             ctx.weight_ref = weakref.ref(weight) if weight.is_leaf else None
             if weight.is_leaf:
-                record_weight_norm(weight, wsq.sqrt().to(weight.dtype).view((out,) + (1,) * (weight.ndim - 1)))
+                record_weight_norm(weight, wsq)
             ctx.save_for_backward(weight, mean, invstd, c_vec, clamped)
             return y
         ctx.kernel = False
@@ -154,8 +154,7 @@ class _ScaledStdWeightFn(torch.autograd.Function):
             if param is not None:
                 # AccumulateGrad hands grad_weight to param.grad without a copy (when .grad is None): AGC then
                 # takes these norms instead of re-reading the gradient (ipu_norm.ops.unit_norms).
-                norms = gsq.sqrt().to(weight.dtype).view((weight.shape[0],) + (1,) * (weight.ndim - 1))
-                record_grad_norm(param, grad_weight, ctx.weight_version, norms)
+                record_grad_norm(param, grad_weight, ctx.weight_version, gsq)
             grad_gain = (grad_c * ctx.gamma_over_root_n).reshape(ctx.gain_shape) if need_gain else None
             return grad_weight, grad_gain, None, None, None
         out = weight.shape[0]

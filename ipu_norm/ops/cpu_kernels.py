@@ -105,7 +105,8 @@ def _lib() -> ctypes.CDLL | None:
         getattr(lib, f"bn_relu_backward_{suffix}").argtypes = [ptr] * 9 + [i64] * 3
         getattr(lib, f"ws_forward_{suffix}").argtypes = [ptr] * 8 + [i64] * 2 + [ctypes.c_int] + [ctypes.c_double] * 2
         getattr(lib, f"ws_backward_{suffix}").argtypes = [ptr] * 9 + [i64] * 2
-    lib.gn_act_work_size.argtypes, lib.gn_act_work_size.restype = [i64, i64], i64
+    lib.gn_act_scratch_bytes.argtypes = [i64] * 4 + [ctypes.POINTER(i64)]
+    lib.gn_act_scratch_bytes.restype = i64
     return lib
 
 
@@ -227,10 +228,9 @@ def _fn(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
 
 @functools.lru_cache(maxsize=256)
 def _gn_work_bytes(c: int, cg: int, s: int, itemsize: int) -> tuple[int, int]:
-    # (total bytes, offset of the T workspace) of the backward's one scratch buffer: 4 c double accumulators, then
-    # gn_act_work_size(cg, s) values of T (64-byte aligned).
-    acc = (4 * c * 8 + 63) // 64 * 64
-    return acc + _lib().gn_act_work_size(cg, s) * itemsize, acc
+    # (total bytes, offset of the T workspace) of the backward's one scratch buffer (gn_act_scratch_bytes).
+    offset = ctypes.c_int64()
+    return _lib().gn_act_scratch_bytes(c, cg, s, itemsize, ctypes.byref(offset)), offset.value
 
 
 _OP_SRC = Path(__file__).with_name("csrc") / "gn_act_op.cpp"
@@ -274,7 +274,7 @@ def _cpp_ops() -> bool:
         lib = _lib()
         addr = [ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in (
             "gn_act_forward_f32", "gn_act_forward_f64", "gn_act_backward_f32", "gn_act_backward_f64",
-            "gn_act_work_size")]
+            "gn_act_scratch_bytes")]
         torch.ops.ipu_norm_cpp.set_kernels(*addr)
     except Exception as exc:  # noqa: BLE001 - any build or load failure: the Python path serves
         warnings.warn(f"ipu_norm C++ op unavailable ({exc}); GroupNormAct uses its Python autograd function",
@@ -465,7 +465,7 @@ def ws_forward(
     clamped = torch.empty(out, dtype=torch.bool)
     wsq = torch.empty(out, dtype=torch.float64)
     gain_vec = _vec(None if gain is None else gain.reshape(-1), weight)  # held: a converted copy must outlive the call
-    getattr(_lib(), f"ws_forward_{_suffix(weight)}")(
+    _fn("ws_forward", weight.dtype)(
         weight.data_ptr(), y.data_ptr(), _ptr(gain_vec),
         vecs[0].data_ptr(), vecs[1].data_ptr(), vecs[2].data_ptr(), clamped.data_ptr(), wsq.data_ptr(), out,
         weight.numel() // max(out, 1), _WS_FORM_CODES[form], eps, gamma,
@@ -483,7 +483,7 @@ def ws_backward(
     grad_w = torch.empty_like(weight)
     grad_c = weight.new_empty(out)
     gsq = torch.empty(out, dtype=torch.float64)
-    getattr(_lib(), f"ws_backward_{_suffix(weight)}")(
+    _fn("ws_backward", weight.dtype)(
         g.data_ptr(), weight.data_ptr(), grad_w.data_ptr(), mean.data_ptr(), invstd.data_ptr(), c.data_ptr(),
         clamped.data_ptr(), grad_c.data_ptr(), gsq.data_ptr(), out, weight.numel() // max(out, 1),
     )

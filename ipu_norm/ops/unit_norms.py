@@ -42,9 +42,14 @@ def _key(t: torch.Tensor) -> tuple[int, int, torch.Size]:
     return t.data_ptr(), t._version, t.shape
 
 
-def record_weight_norm(param: torch.Tensor, norms: torch.Tensor) -> None:
-    """Record unitwise_norm(param) (shape (out, 1, ...)) as computed from param's current values."""
-    _WEIGHT[param] = (_key(param), norms)
+def _unit_norms(sq_sums: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # unitwise_norm's layout (out, 1, ...) in like's dtype, from the (out,) per-row sums of squares.
+    return sq_sums.sqrt().to(like.dtype).view((like.shape[0],) + (1,) * (like.ndim - 1))
+
+
+def record_weight_norm(param: torch.Tensor, sq_sums: torch.Tensor) -> None:
+    """Record unitwise_norm(param) from the (out,) per-row sums of squares of param's current values."""
+    _WEIGHT[param] = (_key(param), _unit_norms(sq_sums, param))
 
 
 def _ends(t: torch.Tensor) -> list[float]:
@@ -53,10 +58,10 @@ def _ends(t: torch.Tensor) -> list[float]:
     return flat[:: max(flat.numel() - 1, 1)].tolist()
 
 
-def record_grad_norm(param: torch.Tensor, grad: torch.Tensor, weight_version: int, norms: torch.Tensor) -> None:
-    """Record unitwise_norm(grad) for the contiguous gradient `grad` of param, computed by the backward of the
-    forward that saw param at version `weight_version`."""
-    _GRAD[param] = (_key(grad), weight_version, _ends(grad), norms)
+def record_grad_norm(param: torch.Tensor, grad: torch.Tensor, weight_version: int, sq_sums: torch.Tensor) -> None:
+    """Record unitwise_norm(grad) from the (out,) per-row sums of squares of the contiguous gradient `grad` of
+    param, computed by the backward of the forward that saw param at version `weight_version`."""
+    _GRAD[param] = (_key(grad), weight_version, _ends(grad), _unit_norms(sq_sums, grad))
 
 
 def pop_weight_norm(param: torch.Tensor) -> torch.Tensor | None:

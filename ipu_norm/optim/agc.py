@@ -98,17 +98,14 @@ def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-def _discard(pop: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[[torch.Tensor], None]:
-    def discard(param: torch.Tensor) -> None:
-        pop(param)  # drop the record unused, so that it cannot be mistaken for a later tensor's
-
-    return discard
-
-
 def _norms(params: list[torch.Tensor], tensors: list[torch.Tensor],
-           pop_recorded: Callable[[torch.Tensor], torch.Tensor | None]) -> list[torch.Tensor]:
-    """unitwise_norm of every tensor (of params[i]): a still-valid recorded one where there is one, else computed."""
+           pop_recorded: Callable[[torch.Tensor], torch.Tensor | None], use_recorded: bool) -> list[torch.Tensor]:
+    """unitwise_norm of every tensor (of params[i]): a still-valid recorded one where there is one and
+    use_recorded, else computed. Records are consumed either way, so that an unused one cannot be mistaken for a
+    later tensor's."""
     recorded = [pop_recorded(p) for p in params]
+    if not use_recorded:
+        recorded = [None] * len(params)
     todo = [i for i, r in enumerate(recorded) if r is None]
     for i, n in zip(todo, _unitwise_norms_grouped([tensors[i] for i in todo])):
         recorded[i] = n
@@ -138,9 +135,8 @@ def adaptive_clip_grad_(
     if any(p.grad.is_sparse for p in params):
         raise RuntimeError("adaptive_clip_grad_ does not support sparse gradients")
     grads = [p.grad for p in params]
-    use_w, use_g = use_recorded_norms in (True, "weights"), use_recorded_norms is True
-    w_norms = _norms(params, [p.detach() for p in params], pop_weight_norm if use_w else _discard(pop_weight_norm))
-    g_norms = _norms(params, grads, pop_grad_norm if use_g else _discard(pop_grad_norm))
+    w_norms = _norms(params, [p.detach() for p in params], pop_weight_norm, use_recorded_norms in (True, "weights"))
+    g_norms = _norms(params, grads, pop_grad_norm, use_recorded_norms is True)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, g in enumerate(grads):  # only builds index lists
         by_device[g.device].append(i)

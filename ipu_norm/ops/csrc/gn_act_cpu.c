@@ -32,6 +32,14 @@ static inline int64_t gn_chunk_channels(int64_t cg, int64_t s) {
 }
 /* Workspace values of T that gn_act_backward_* needs for planes of s values in groups of cg channels. */
 int64_t gn_act_work_size(int64_t cg, int64_t s) { return 2 * gn_chunk_channels(cg, s) * s; }
+/* Bytes of the backward's one scratch buffer (both callers, cpu_kernels.py and gn_act_op.cpp, allocate it this way):
+ * the 4 c double accumulators, then gn_act_work_size(cg, s) values of itemsize bytes at *work_offset (64-byte
+ * aligned). */
+int64_t gn_act_scratch_bytes(int64_t c, int64_t cg, int64_t s, int64_t itemsize, int64_t *work_offset) {
+    const int64_t acc = (4 * c * (int64_t)sizeof(double) + 63) / 64 * 64;
+    *work_offset = acc;
+    return acc + gn_act_work_size(cg, s) * itemsize;
+}
 
 #define DEFINE_GN_ACT(T, SUFFIX, EXP, ERF)                                                                       \
 static inline T gn_sig_##SUFFIX(T v) {                                                                           \

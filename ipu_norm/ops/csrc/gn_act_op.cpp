@@ -23,21 +23,21 @@ using Fwd = void (*)(const void*, void*, const void*, const void*, const void*, 
                      int64_t, int64_t, int64_t, double, int);
 using Bwd = void (*)(const void*, const void*, void*, const void*, const void*, const void*, const void*, const void*,
                      void*, void*, void*, void*, double*, void*, int64_t, int64_t, int64_t, int64_t, int);
-using WorkSize = int64_t (*)(int64_t, int64_t);
+using ScratchBytes = int64_t (*)(int64_t, int64_t, int64_t, int64_t, int64_t*);
 
 struct Kernels {
   Fwd fwd[2] = {nullptr, nullptr};  // [0] float32, [1] float64
   Bwd bwd[2] = {nullptr, nullptr};
-  WorkSize work_size = nullptr;
+  ScratchBytes scratch_bytes = nullptr;
 };
 Kernels kernels;
 
-void set_kernels(int64_t fwd32, int64_t fwd64, int64_t bwd32, int64_t bwd64, int64_t work_size) {
+void set_kernels(int64_t fwd32, int64_t fwd64, int64_t bwd32, int64_t bwd64, int64_t scratch_bytes) {
   kernels.fwd[0] = reinterpret_cast<Fwd>(fwd32);
   kernels.fwd[1] = reinterpret_cast<Fwd>(fwd64);
   kernels.bwd[0] = reinterpret_cast<Bwd>(bwd32);
   kernels.bwd[1] = reinterpret_cast<Bwd>(bwd64);
-  kernels.work_size = reinterpret_cast<WorkSize>(work_size);
+  kernels.scratch_bytes = reinterpret_cast<ScratchBytes>(scratch_bytes);
 }
 
 int which(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? 0 : 1; }
@@ -78,14 +78,15 @@ class GnActFn : public torch::autograd::Function<GnActFn> {
     at::Tensor grad_x = at::empty_like(x);
     const bool pn = sc.defined();
     at::Tensor grads = at::empty({pn ? 4 : 2, c}, x.options());
-    const int64_t acc_bytes = (4 * c * 8 + 63) / 64 * 64;
-    at::Tensor scratch = at::empty({acc_bytes + kernels.work_size(c / groups, s) * isz}, x.options().dtype(at::kByte));
+    int64_t work_offset = 0;
+    const int64_t scratch_bytes = kernels.scratch_bytes(c, c / groups, s, isz, &work_offset);
+    at::Tensor scratch = at::empty({scratch_bytes}, x.options().dtype(at::kByte));
     char *sp = static_cast<char*>(stats.data_ptr()), *gp = static_cast<char*>(grads.data_ptr()),
          *wp = static_cast<char*>(scratch.data_ptr());
     const int64_t row = c * isz;
     kernels.bwd[which(x)](g.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
                           ptr_or_null(sc), sp, sp + n * groups * isz, gp, gp + row, pn ? gp + 2 * row : nullptr,
-                          pn ? gp + 3 * row : nullptr, reinterpret_cast<double*>(wp), wp + acc_bytes, n, c, s, groups,
+                          pn ? gp + 3 * row : nullptr, reinterpret_cast<double*>(wp), wp + work_offset, n, c, s, groups,
                           static_cast<int>(act));
     auto parts = grads.unbind(0);
     return {grad_x, parts[0], parts[1], pn ? parts[2] : at::Tensor(), pn ? parts[3] : at::Tensor(),
@@ -102,7 +103,7 @@ at::Tensor gn_act(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(ipu_norm_cpp, m) {
-  m.def("set_kernels(int fwd32, int fwd64, int bwd32, int bwd64, int work_size) -> ()", &set_kernels);
+  m.def("set_kernels(int fwd32, int fwd64, int bwd32, int bwd64, int scratch_bytes) -> ()", &set_kernels);
   m.def("gn_act(Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, float eps, int act)"
         " -> Tensor",
         &gn_act);
