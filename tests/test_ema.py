@@ -1,4 +1,4 @@
-"""Model EMA: checked against a direct per-tensor formula."""
+"""Model EMA (a thin subclass of timm's ModelEmaV3): checked against per-tensor formulas written here."""
 
 import copy
 
@@ -36,7 +36,7 @@ def test_update_matches_formula_params_averaged_buffers_copied(warmup):
         assert used == pytest.approx(d)
         for k, v in model.state_dict().items():
             ref[k] = d * ref[k] + (1 - d) * v if k in param_names else v.clone()
-    ema_sd = ema.state_dict()
+    ema_sd = ema.module.state_dict()
     for k, v in ref.items():
         torch.testing.assert_close(ema_sd[k], v, rtol=1e-12, atol=1e-12, msg=k)
     # The BN running stats were copied, not averaged: identical to the live model's.
@@ -86,23 +86,57 @@ def test_state_dict_roundtrip_and_resume_is_exact():
     for step in range(3):
         _train_step(model, opt)
         ema.update(model, step)
-    saved_model, saved_ema = copy.deepcopy(model.state_dict()), copy.deepcopy(ema.state_dict())
+    saved_model, saved_ema = copy.deepcopy(model.state_dict()), copy.deepcopy(ema.module.state_dict())
     for step in range(3, 6):
         ema.update(model, step)
     model2 = _model()
     model2.load_state_dict(saved_model)
     ema2 = ModelEma(_model(), decay=0.95)
-    ema2.load_state_dict(saved_ema)
+    ema2.module.load_state_dict(saved_ema)
     for step in range(3, 6):
         ema2.update(model2, step)
-    for k, v in ema.state_dict().items():
-        assert torch.equal(v, ema2.state_dict()[k]), k
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, ema2.module.state_dict()[k]), k
 
 
-def test_unwraps_data_parallel_and_calls_module():
+def test_unwraps_data_parallel_and_calls_the_averaged_model_in_eval_mode():
+    torch.manual_seed(0)
     model = _model()
-    ema = ModelEma(nn.DataParallel(model), decay=0.9)
+    ema = ModelEma(nn.DataParallel(model), decay=0.9, warmup=False)
     assert isinstance(ema.module, nn.Sequential)
+    start = copy.deepcopy(model.state_dict())
+    _train_step(model, torch.optim.SGD(model.parameters(), lr=0.5))
     ema.update(nn.DataParallel(model), 0)
+    # Independent reference: a fresh model holding 0.9 * start + 0.1 * trained weights, the trained model's BN
+    # statistics, evaluated in eval mode.
+    reference = _model()
+    params = {n for n, _ in model.named_parameters()}
+    reference.load_state_dict(
+        {k: 0.9 * start[k] + 0.1 * v if k in params else v for k, v in model.state_dict().items()}
+    )
     x = torch.randn(2, 3, 6, 6)
-    torch.testing.assert_close(ema(x), ema.module(x))
+    torch.testing.assert_close(ema(x), reference.eval()(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ema(x), model.eval()(x), rtol=1e-3, atol=1e-3)  # it is the average, not the live model
+
+
+def test_bitwise_equal_to_per_tensor_lerp():
+    # The update before timm: ``e.lerp_(p, 1 - d)`` per floating-point parameter, buffers copied; the subclass of
+    # timm's ModelEmaV3 must give the same bits.
+    torch.manual_seed(3)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = ModelEma(model, decay=0.97)
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    bufs = dict(ref.named_buffers())
+    for step in range(5):
+        _train_step(model, opt)
+        ema.update(model, step)
+        with torch.no_grad():
+            d = min(0.97, (1.0 + step) / (10.0 + step))
+            for name, p in model.named_parameters():
+                params[name].lerp_(p, 1.0 - d)
+            for name, b in model.named_buffers():
+                bufs[name].copy_(b)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[k], v), k

@@ -317,7 +317,7 @@ class Trainer:
         if self.ema is not None:
             if state.get("ema") is None:
                 raise CheckpointError(f"{path}: has no EMA state but train.ema_decay is set")
-            self.ema.load_state_dict(state["ema"])
+            self.ema.module.load_state_dict(state["ema"])
         progress = state["progress"]
         self.global_step = int(progress["global_step"])
         self.epoch = int(progress["epoch"])
@@ -385,7 +385,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "backend": self.backend.state_dict(),
                 "rank_states": rank_states,
                 "progress": {
