@@ -8,7 +8,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.layers.norm_act import BatchNormAct2d, GroupNormAct
@@ -237,14 +236,6 @@ def test_drop_path_active_only_in_training() -> None:
     with torch.no_grad():
         d = m(x)
     assert (c - d).abs().max() > 0
-
-
-def test_flops_match_torch_flop_counter() -> None:
-    with torch.device("meta"):
-        m = create_model("efficientnet_b0_g16")
-        with FlopCounterMode(display=False) as fc:
-            m(torch.empty(1, 3, 224, 224))
-    assert 2 * count_flops(m, 224).macs == fc.get_total_flops()
 
 
 def test_flops_published_b0() -> None:

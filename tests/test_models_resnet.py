@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ipu_norm.layers.norm_act import BatchNormAct2d, GroupNormAct
 from ipu_norm.models import create_model, list_models, model_family
@@ -74,10 +73,23 @@ def test_contract_and_default_cfg() -> None:
         224, 224, 10, "ln+pn", "resnet")
 
 
-def test_forward_is_head_blocks_stem() -> None:
-    m = _tiny("gn+pn").eval()
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(m(x), m.head(m.blocks(m.stem(x))))
+def test_forward_is_head_blocks_stem_and_equals_torchvision() -> None:
+    # Independent reference: torchvision's resnet18 with the same tensors (same shapes in the same order, see
+    # test_param_count_equals_torchvision), random BN statistics, float64, eval mode.
+    gen = torch.Generator().manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None, num_classes=7).double().eval()
+    with torch.no_grad():
+        for name, t in tv.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) + 0.5 if "running_var" in name
+                        else torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.2)
+    m = create_model("resnet18", norm="bn", num_classes=7).double().eval()
+    m.load_state_dict(dict(zip(m.state_dict().keys(), tv.state_dict().values(), strict=True)))
+    x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        want = tv(x)
+        torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(m.head(m.blocks(m.stem(x))), want, rtol=1e-10, atol=1e-10)
 
 
 def test_stride_on_3x3_v1_5() -> None:
@@ -162,27 +174,16 @@ def test_drop_rate_and_unknown_norm() -> None:
         create_model("resnet18", norm="batchnorm")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_flops_match_torch_flop_counter(name: str) -> None:
-    # Independent reference: PyTorch's FlopCounterMode counts 2 FLOPs per MAC of conv and matmul.
-    with torch.device("meta"):
-        m = create_model(name)
-        x = torch.empty(1, 3, 224, 224)
-        with FlopCounterMode(display=False) as fc:
-            m(x)
-    assert count_flops(m, 224).macs * 2 == fc.get_total_flops()
-
-
 def test_flops_resnet50_published() -> None:
     with torch.device("meta"):
         m = create_model("resnet50")
     f = count_flops(m, 224)
     assert f.gflops == pytest.approx(4.09, abs=0.01)  # the usual "4.1 GFLOPs" (MACs) of ResNet-50
     assert f.flops_2x == 2 * f.macs and f.params == 25_557_032
-    assert f.by_type["Linear"] == 2048 * 1000
+    assert f.by_op["aten.addmm"] == 2048 * 1000
     # Linear in input resolution squared (conv MACs scale with H*W; the fc does not).
     f2 = count_flops(m, (448, 448))
-    assert f2.macs - f2.by_type["Linear"] == 4 * (f.macs - f.by_type["Linear"])
+    assert f2.macs - f2.by_op["aten.addmm"] == 4 * (f.macs - f.by_op["aten.addmm"])
 
 
 def test_count_flops_leaves_real_model_untouched() -> None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ipu_norm.models.flops import count_flops
+
 # A clip factory takes the built model and returns the clip call for its gradients (None: no clipping).
 ClipFactory = Callable[[nn.Module], Callable[[], None]]
 
@@ -161,30 +163,10 @@ def gemm_peak_flops(
 def forward_flops(model: nn.Module, resolution: int) -> tuple[float, str]:
     """Forward FLOPs of one image (a multiply-add counts 2) and how they were counted.
 
-    Uses the library's shape-only counter (ipu_norm.models.flops: conv + linear MACs, x2) for every
-    model, timm's included, so both sides of a ratio are counted alike; falls back to torch's
-    FlopCounterMode if that module is unavailable.
+    The library's counter (``ipu_norm.models.flops``: torch's FlopCounterMode on meta tensors) for every
+    model, timm's included, so both sides of a ratio are counted alike.
     """
-    try:
-        from ipu_norm.models.flops import count_flops  # noqa: PLC0415
-    except ImportError:
-        return count_forward_flops(model, resolution), "torch.utils.flop_counter"
-    return float(count_flops(model, resolution).flops_2x), "ipu_norm.models.flops (2 x conv/linear MACs)"
-
-
-def count_forward_flops(model: nn.Module, resolution: int) -> float:
-    """Forward FLOPs for one image counted by torch's FlopCounterMode (convs, matmuls; no elementwise)."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x = torch.randn(1, 3, resolution, resolution, device=device)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    model.train(was_training)
-    return float(counter.get_total_flops())
+    return float(count_flops(model, resolution).flops_2x), "ipu_norm.models.flops (FlopCounterMode, forward)"
 
 
 def free_memory(device: torch.device) -> None:

@@ -1,20 +1,23 @@
-"""Multiply-accumulate (MAC) counts of conv and linear layers, from shapes only (meta tensors).
+"""Multiply-accumulate (MAC) counts of a model's forward pass, counted by ``torch.utils.flop_counter``.
 
-Convention: the "FLOPs" of the EfficientNet and NFNet papers are multiply-accumulates. Checked: counting
-the conv/linear MACs of timm's dm_nfnet_f0 at 256x256 with these hooks gives 12.384 G, the published
-"12.38B FLOPs" of NFNet-F0 (REFERENCE.md); ResNet-50 at 224 gives 4.09 G, the usual "4.1 GFLOPs".
-So `FlopCount.gflops` (what the model table prints) is GMACs; `FlopCount.flops_2x` is the 2 * MACs count
-of arithmetic operations for those who want it. Norms, activations, pooling, SE gating and residual
-additions are not counted (they are O(activations), not O(activations x fan-in)).
+Convention: the "FLOPs" of the EfficientNet and NFNet papers are multiply-accumulates. torch's
+``FlopCounterMode`` counts 2 FLOPs per MAC of every convolution and matrix product (bias, norms, activations,
+pooling, SE gating and residual additions are not counted: they are O(activations), not O(activations x
+fan-in)), so ``FlopCount.macs`` is its total / 2. Checked: timm's dm_nfnet_f0 at 256x256 gives 12.384 G, the
+published "12.38B FLOPs" of NFNet-F0 (REFERENCE.md); ResNet-50 at 224 gives 4.09 G, the usual "4.1 GFLOPs".
+`FlopCount.gflops` (what the model table prints) is GMACs; `FlopCount.flops_2x` is torch's count.
+
+Forward only: torch's count of ``convolution_backward`` is wrong for grouped and depthwise convolutions, so this
+module counts no backward FLOPs.
 
 The count runs the model once through `torch.func.functional_call` with every parameter and buffer
 replaced by a meta tensor of the same shape, so it costs no memory or compute even for 500M-parameter
-models and leaves the model untouched.
+models and leaves the model untouched. torch 2.0.1 (the IPU environment) has no FLOP counter:
+`count_flops` then raises one line saying so (``ipu_norm.compat.flop_counter_mode``).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,17 +26,19 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ipu_norm.compat import flop_counter_mode
+
 __all__ = ["FlopCount", "count_flops", "count_params"]
 
 
 @dataclass
 class FlopCount:
-    """MACs for one image of the given size; per-layer-type totals in `by_type`."""
+    """MACs for one image of the given size; per-operator totals (e.g. ``aten.convolution``) in `by_op`."""
 
     macs: int
     params: int
     input_size: tuple[int, int, int]
-    by_type: dict[str, int] = field(default_factory=dict)
+    by_op: dict[str, int] = field(default_factory=dict)
 
     @property
     def gflops(self) -> float:
@@ -66,34 +71,13 @@ def _input_shape(input_size: int | Sequence[int], in_chans: int) -> tuple[int, i
     raise ValueError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size}")
 
 
-def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
-    # Per output element a conv does (in_channels / groups) * prod(kernel) MACs, a Linear in_features.
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-    if isinstance(module, nn.Linear):
-        return out.numel() * module.in_features
-    return 0
-
-
 def count_flops(model: nn.Module, input_size: int | Sequence[int], in_chans: int = 3) -> FlopCount:
-    """MACs of all conv/linear layers (subclasses included, e.g. weight-standardised convs) for one image.
+    """MACs of the forward pass of one image (every convolution and matrix product; see the module docstring).
 
     input_size: image side, (H, W) or (C, H, W). Runs in eval mode on meta tensors (shapes only); the
     model's parameters, buffers and train/eval mode are unchanged afterwards.
     """
     shape = _input_shape(input_size, in_chans)
-    totals: dict[str, int] = {}
-
-    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        macs = _layer_macs(module, out)
-        key = type(module).__name__
-        totals[key] = totals.get(key, 0) + macs
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-    ]
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -102,19 +86,21 @@ def count_flops(model: nn.Module, input_size: int | Sequence[int], in_chans: int
             for name, t in list(model.named_parameters()) + list(model.named_buffers())
         }
         x = torch.empty((1,) + shape, device="meta")
+        counter = flop_counter_mode()
         with torch.no_grad():
             try:
-                functional_call(model, meta_state, (x,))
+                with counter:
+                    functional_call(model, meta_state, (x,))
             except (NotImplementedError, RuntimeError) as exc:
                 # A model that creates real tensors inside forward cannot mix them with meta ones: fall back
                 # to one real forward pass of a single image.
                 warnings.warn(f"meta-tensor FLOP count failed ({exc}); running one real forward pass", stacklevel=2)
-                totals.clear()
                 p = next(model.parameters(), None)
-                model(torch.zeros((1,) + shape, device=p.device if p is not None else "cpu"))
+                counter = flop_counter_mode()
+                with counter:
+                    model(torch.zeros((1,) + shape, device=p.device if p is not None else "cpu"))
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in was_training.items():
             m.train(flag)
-    return FlopCount(macs=sum(totals.values()), params=count_params(model), input_size=shape, by_type=totals)
+    by_op = {str(op): int(flops) // 2 for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+    return FlopCount(macs=sum(by_op.values()), params=count_params(model), input_size=shape, by_op=by_op)
