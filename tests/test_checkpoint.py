@@ -16,6 +16,7 @@ import torch
 
 from ipu_norm.config import load_config
 from ipu_norm.train.checkpoint import (
+    CHECKPOINT_FORMAT,
     CheckpointError,
     capture_rng_state,
     list_checkpoints,
@@ -293,3 +294,29 @@ def test_resuming_a_finished_run_logs_nothing_new(tmp_path: Path) -> None:
     again = train(cfg, resume="latest", log=lambda _: None)
     assert (run / "metrics.jsonl").read_text() == rows  # no second validation row of the last step
     assert again.global_step == first.global_step == 8 and again.final_metrics == first.final_metrics
+
+
+def _format1(tmp_path: Path, mixup_state: dict | None) -> Path:
+    path = tmp_path / "ckpt_step000000003.pt"
+    state = {"format": 1, "model": {"w": torch.ones(2)}, "optimizer": {}, "progress": {"global_step": 3},
+             "rank_states": [{"rng": None, "mixup": mixup_state}]}
+    torch.save(state, path)
+    return path
+
+
+def test_format1_with_old_mixup_state_refuses_to_resume_in_one_line_but_loads_for_finetuning(tmp_path: Path) -> None:
+    from ipu_norm.train.checkpoint import CheckpointFormatError
+
+    path = _format1(tmp_path, {"generator": torch.zeros(5, dtype=torch.uint8)})
+    with pytest.raises(CheckpointFormatError, match=r"format 1 holds the Mixup/CutMix RNG") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointFormatError):  # not skipped as if corrupt: that would silently restart the run
+        load_latest_good(tmp_path, report=lambda _: None)
+    state = load_checkpoint(path, resume=False)
+    assert state["format"] == CHECKPOINT_FORMAT == 2 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_format1_without_mixup_state_is_read_as_the_current_format(tmp_path: Path) -> None:
+    state = load_checkpoint(_format1(tmp_path, None))
+    assert state["format"] == CHECKPOINT_FORMAT and state["progress"]["global_step"] == 3

@@ -366,6 +366,12 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", s)
     _check(t.mixup_alpha >= 0, "train.mixup_alpha", "must be >= 0 (0 = off)", s)
     _check(t.cutmix_alpha >= 0, "train.cutmix_alpha", "must be >= 0 (0 = off)", s)
+    _check(
+        (t.mixup_alpha == 0 and t.cutmix_alpha == 0) or t.micro_batch_size % 2 == 0,
+        "train.micro_batch_size",
+        f"must be even with mixup/cutmix on (each image is mixed with the reversed batch), got {t.micro_batch_size}",
+        s,
+    )
     _check(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (null = off)", s)
     if isinstance(e.loss_scaling, str):
         if e.loss_scaling != "auto":

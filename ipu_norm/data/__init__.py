@@ -3,7 +3,7 @@
 Everything random is derived from explicit seeds so a run resumed mid-epoch reproduces an uninterrupted one:
 sample order from ``(seed, epoch)`` (:class:`ResumableSampler`), augmentation from ``(seed, epoch, index)``
 (datasets' ``set_epoch``, forwarded by :func:`build_loader`'s loader), mixing from a checkpointable
-``torch.Generator`` (:class:`MixupCutmix`).
+NumPy ``RandomState`` (:class:`MixupCutmix`, timm's Mixup).
 """
 
 from .datasets import (
@@ -18,7 +18,7 @@ from .datasets import (
 )
 from .digits import export_digits_imagefolder
 from .loader import EpochDataLoader, build_loader, seed_worker
-from .mixup import MixupCutmix, SoftTargetCrossEntropy, cutmix_box, smooth_one_hot
+from .mixup import MixupCutmix, SoftTargetCrossEntropy, smooth_one_hot
 from .sampler import ResumableSampler
 from .seeding import make_generator, mix_seed, seeded_cpu_rng
 from .transforms import (
@@ -48,7 +48,6 @@ __all__ = [
     "build_eval_transform",
     "build_loader",
     "build_train_transform",
-    "cutmix_box",
     "default_digits_cache_dir",
     "export_digits_imagefolder",
     "load_rgb",

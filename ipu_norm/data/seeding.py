@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -55,3 +57,44 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(int(seed))
         yield
+
+
+def make_numpy_rng(seed: int) -> np.random.RandomState:
+    """A private legacy NumPy ``RandomState`` (MT19937) seeded from any non-negative int (SeedSequence)."""
+    return np.random.RandomState(np.random.MT19937(np.random.SeedSequence(int(seed))))
+
+
+@contextlib.contextmanager
+def numpy_global_rng(rng: np.random.RandomState) -> Iterator[None]:
+    """Run a block with NumPy's global RNG in the state of ``rng``; afterwards ``rng`` holds the advanced state
+    and the global RNG its previous one.
+
+    For libraries that draw from ``np.random.*`` and take no generator (timm's Mixup): their draws become a
+    function of ``rng`` alone, and the training loop's global NumPy stream is left as it was. Not for code that
+    draws from NumPy's global RNG in another thread at the same time.
+    """
+    saved = np.random.get_state()
+    np.random.set_state(rng.get_state())
+    try:
+        yield
+    finally:
+        rng.set_state(np.random.get_state())
+        np.random.set_state(saved)
+
+
+def numpy_state_to_dict(state: tuple) -> dict[str, Any]:
+    """A legacy NumPy RNG state tuple as tensors / primitives (loadable with ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, cached = state
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def numpy_state_from_dict(state: dict[str, Any]) -> tuple:
+    """Inverse of :func:`numpy_state_to_dict`."""
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])

@@ -31,13 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = 1
+from ipu_norm.data.seeding import numpy_state_from_dict, numpy_state_to_dict
+
+# 2: Mixup/CutMix state is timm's Mixup's private NumPy RNG (format 1: a torch.Generator of the former mixer).
+CHECKPOINT_FORMAT = 2
 _NAME_RE = re.compile(r"^ckpt_step(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "model", "optimizer", "progress")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, lacks required entries, or cannot be written."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A sound checkpoint of a format this version cannot resume (never skipped as if it were corrupt)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -131,8 +138,28 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` on CPU; raises ``CheckpointError`` if unreadable/incomplete."""
+def _upgrade(path: Path, state: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """Read an older format as the current one, or raise one line saying why it cannot be resumed."""
+    if state["format"] == 1:
+        has_mixup = any(r.get("mixup") is not None for r in state.get("rank_states") or [] if isinstance(r, dict))
+        if resume and has_mixup:
+            raise CheckpointFormatError(
+                f"{path}: checkpoint format 1 holds the Mixup/CutMix RNG of the former mixer, which this version "
+                f"(format {CHECKPOINT_FORMAT}, timm's Mixup) cannot continue: resume it with the version that "
+                "wrote it, or fine-tune from it (its weights load)"
+            )
+        return {**state, "format": CHECKPOINT_FORMAT}  # otherwise format 1 and 2 hold the same entries
+    raise CheckpointFormatError(
+        f"{path}: checkpoint format {state['format']} (this version reads {CHECKPOINT_FORMAT})"
+    )
+
+
+def load_checkpoint(path: str | Path, *, resume: bool = True) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` on CPU; raises ``CheckpointError`` if unreadable/incomplete.
+
+    ``resume=False`` (fine-tuning, evaluation: only the weights are used) also reads older formats whose training
+    state this version cannot continue.
+    """
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -146,17 +173,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {state['format']} (this version reads {CHECKPOINT_FORMAT})")
+        state = _upgrade(path, state, resume)
     return state
 
 
 def load_latest_good(
-    directory: str | Path, report: Callable[[str], None] = print
+    directory: str | Path, report: Callable[[str], None] = print, *, resume: bool = True
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that loads; corrupt/truncated ones are reported and skipped."""
+    """The newest checkpoint in ``directory`` that loads (``resume`` as in :func:`load_checkpoint`); corrupt or
+    truncated ones are reported and skipped."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, resume=resume)
+        except CheckpointFormatError:
+            raise  # a sound checkpoint: falling back to an older one (or to none) would silently lose progress
         except CheckpointError as exc:
             report(f"WARNING: skipping bad checkpoint: {exc}; trying the previous one")
     return None
@@ -168,16 +198,9 @@ def load_latest_good(
 def capture_rng_state() -> dict[str, Any]:
     """This process's python, numpy, torch and CUDA RNG states as tensors / primitive containers."""
     version, py_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": {"version": version, "state": list(py_state), "gauss": gauss},
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
+        "numpy": numpy_state_to_dict(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -187,10 +210,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng_state``."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    nps = state["numpy"]
-    np.random.set_state(
-        (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
-    )
+    np.random.set_state(numpy_state_from_dict(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         cuda = state["cuda"]

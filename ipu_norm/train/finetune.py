@@ -105,11 +105,11 @@ def find_source_checkpoint(source: str | Path, report: Callable[[str], None] = p
     """The checkpoint to fine-tune from: a checkpoint file, or the latest good one of a run directory."""
     path = Path(source)
     if path.is_file():
-        return path, load_checkpoint(path)
+        return path, load_checkpoint(path, resume=False)
     if not path.is_dir():
         raise CheckpointError(f"--finetune-from {source}: no such run directory or checkpoint file")
     where = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = load_latest_good(where, report=report)
+    found = load_latest_good(where, report=report, resume=False)
     if found is None:
         raise CheckpointError(f"--finetune-from {source}: no usable checkpoint in {where}")
     return found
