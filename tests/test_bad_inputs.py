@@ -252,9 +252,9 @@ def test_config_error_in_a_subprocess_has_no_traceback(tmp_path: Path) -> None:
 
 
 def test_micro_batch_not_dividing_global_batch(tmp_path: Path, capsys) -> None:
-    rc, lines = _run(["--config", TINY, "--micro-batch-size", "3", "--output-dir", str(tmp_path / "run")], capsys)
+    rc, lines = _run(["--config", TINY, "--micro-batch-size", "6", "--output-dir", str(tmp_path / "run")], capsys)
     line = _one_error(lines)
-    assert rc == 1 and "train.global_batch_size=8 is not a multiple of micro_batch_size" in line and "3" in line
+    assert rc == 1 and "train.global_batch_size=8 is not a multiple of micro_batch_size" in line and "6" in line
     assert not list_checkpoints(tmp_path / "run" / "checkpoints")
 
 
@@ -414,3 +414,10 @@ def test_failed_restart_leaves_the_previous_run_intact(tmp_path: Path, capsys) -
         assert rc in (1, 2) and len([m for m in lines if "error: " in m]) == 1, argv
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # checkpoints, metrics and config untouched
+
+
+def test_odd_micro_batch_with_mixup_is_one_line(tmp_path: Path, capsys) -> None:
+    # TINY has mixup/cutmix on: each image is mixed with the reversed micro-batch, which needs an even size.
+    rc, lines = _run(["--config", TINY, "--micro-batch-size", "3", "--output-dir", str(tmp_path / "run")], capsys)
+    line = _one_error(lines, prefix="config error: ")
+    assert rc == 2 and "train.micro_batch_size" in line and "must be even with mixup/cutmix on" in line, line
