@@ -15,6 +15,8 @@ def is_compiling() -> bool:
     fn = getattr(compiler, "is_compiling", None)
     if fn is not None:
         return bool(fn())
-    import torch._dynamo  # torch 2.0.x: the same query lives in Dynamo itself
+    import importlib
 
-    return bool(torch._dynamo.is_compiling())
+    # torch 2.0.x: the same query lives in Dynamo itself. (`import torch._dynamo` here would make `torch` a local
+    # name of this function and break the lines above.)
+    return bool(importlib.import_module("torch._dynamo").is_compiling())
