@@ -53,7 +53,6 @@ against it (run-time on a table-generated stand-in, and an AST scan), so add a n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipu_norm.core.launch import popdist_rank_and_size, under_poprun  # noqa: F401  (re-exported: pa.*)
 from ipu_norm.core.plan import ExecutionPlan
 
 POPLAR_SDK_MESSAGE = (
@@ -87,18 +87,6 @@ def import_poptorch() -> Any:
     except ImportError as err:
         raise PoplarSDKMissingError(POPLAR_SDK_MESSAGE) from err
     return poptorch
-
-
-def under_poprun(environ: Mapping[str, str] | None = None) -> bool:
-    """True when this process was launched by ``poprun`` (it exports POPDIST_* variables to every instance)."""
-    env = os.environ if environ is None else environ
-    return any(k.startswith("POPDIST_") for k in env)
-
-
-def popdist_rank_and_size(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(instance index, number of instances) from OpenMPI's variables set by poprun's mpirun; (0, 1) otherwise."""
-    env = os.environ if environ is None else environ
-    return int(env.get("OMPI_COMM_WORLD_RANK", 0)), int(env.get("OMPI_COMM_WORLD_SIZE", 1))
 
 
 @dataclass(frozen=True)
