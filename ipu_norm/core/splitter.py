@@ -145,7 +145,14 @@ def unit_flops(model: nn.Module, image_size: int | None = None) -> list[float]:
     Uses ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, 2 FLOPs per MAC); element-wise ops
     are not counted, which is the usual convention for CNN FLOP tables.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError as exc:  # torch 2.0.x (PopTorch 3.4's torch) has no FLOP counter
+        raise RuntimeError(
+            f"FLOP-balanced pipeline splitting needs torch.utils.flop_counter (torch >= 2.1; this is torch "
+            f"{torch.__version__}): give execution.pipeline_splits explicitly, or print them with "
+            "`python -m ipu_norm.ipu --model ... --ipus N` in an environment with a newer torch"
+        ) from exc
 
     meta = _meta_copy(model)
     was_training = meta.training
