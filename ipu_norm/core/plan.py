@@ -20,7 +20,7 @@ Recomputation is always stated explicitly (``plan.recompute``), as the mode that
 - ``recompute_all``: PopART's RecomputeAll with explicit recomputation on one IPU: every forward op is recomputed
   from the model input (willow/src/recompute.cpp:163-181).
 - ``pipeline``: PopART's Pipeline mode (pipelined plans only): each stage but the last stashes its input only and
-  recomputes its forward in the backward (willow/src/transforms/pipeline.cpp:778-835, 1123-1270).
+  recomputes its forward in the backward (willow/src/transforms/pipeline.cpp:776-869, 1123-1274).
 - ``checkpoints``: manual checkpoints (``recompute_checkpoints``, module names whose outputs are kept) on top of
   RecomputeAll (one IPU, as Graphcore's ``recompute_mode: manual``) or Pipeline (pipelined).
 The config value ``auto`` resolves to what PopTorch runs by default with recomputation on: ``pipeline`` for a

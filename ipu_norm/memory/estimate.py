@@ -19,7 +19,7 @@ proportion) and a `MemorySpec` (the optimizer's state slots, the IPU budget, the
   holds one. Recomputation as the plan states it:
   ``none`` all saved tensors; ``pipeline`` stages before the last stash only their input (and manual checkpoint
   outputs) and rebuild one micro-batch's segment in the backward, the last stage keeps everything (pipeline.cpp
-  setRecomputation :778-835, setFinalFwdStageRecomputation :1123-1270); ``recompute_all`` / ``checkpoints`` on one
+  setRecomputation :776-869, setFinalFwdStageRecomputation :1123-1274); ``recompute_all`` / ``checkpoints`` on one
   IPU keep the model input and the checkpoint outputs and rebuild the largest segment (recompute.cpp:163-181 with
   explicitRecomputation); ``standard`` applies PopART's own checkpoint choice to the profiled op list
   (recompute.cpp:64-150, intervals.cpp:10-43: the forward ops are cut into decreasing intervals, the smallest live set
