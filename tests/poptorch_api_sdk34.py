@@ -162,10 +162,12 @@ API: dict[str, Api] = {
 
 # PopART session options reachable through ``opts._Popart.set(key, value)``: key -> allowed values. poptorch
 # registers them in popart_compiler/source/SessionOptions.cpp (ADD_POPART_ENUM_OPTION(autoRecomputation,
-# RecomputationType) line 323, ADD_POPART_BOOL_OPTION(explicitRecomputation) line 394); an unknown key is only
+# RecomputationType) line 323, ADD_POPART_BOOL_OPTION(explicitRecomputation) line 394,
+# ADD_POPART_BOOL_OPTION(enableStableNorm) line 401); an unknown key is only
 # rejected by the C++ side at compile time, which is why this table checks it. popart::RecomputationType
 # (sessionoptions.hpp:139 at the popart tag): None 0, Standard 1, NormOnly 2, Pipeline 3, RecomputeAll 4.
 POPART_SESSION_OPTIONS: dict[str, tuple] = {
     "autoRecomputation": (0, 1, 2, 3, 4),
     "explicitRecomputation": (True, False),
+    "enableStableNorm": (True, False),
 }

@@ -41,7 +41,7 @@ def test_every_shipped_config_validates(path: Path) -> None:
     and the execution plan (batch arithmetic, pipeline splits) is consistent."""
     import torch
 
-    from ipu_norm.ipu.plan import build_plan
+    from ipu_norm.core.plan import build_plan
     from ipu_norm.train.builders import build_model
 
     cfg = load_config(path)

@@ -5,7 +5,7 @@ import torch
 from tiny_models import TinyNet as SharedTinyNet
 from torch import nn
 
-from ipu_norm.ipu.plan import ExecutionPlan, PlanError, PrecisionSpec, build_plan
+from ipu_norm.core.plan import ExecutionPlan, PlanError, PrecisionSpec, build_plan
 
 
 def TinyNet(num_blocks: int = 6) -> SharedTinyNet:
@@ -105,9 +105,23 @@ def test_memory_proportion() -> None:
 
 def test_recompute() -> None:
     p = plan({"recompute": "checkpoints", "recompute_checkpoints": ["blocks.1", "blocks.4"]}, micro=1)
-    assert p.recompute_checkpoints == ["blocks.1", "blocks.4"]
+    assert p.recompute == "checkpoints" and p.recompute_checkpoints == ["blocks.1", "blocks.4"]
+    # 'auto' resolves to the mode PopTorch runs: Standard on one IPU (PopART picks its own checkpoints), Pipeline when
+    # pipelined; on CPU/GPU a checkpoint per block.
     p = plan({"recompute": "auto"}, micro=1)
-    assert p.recompute_checkpoints == [f"blocks.{i}" for i in range(6)]
+    assert p.recompute == "standard" and p.recompute_checkpoints == []
+    p = plan({"recompute": "auto", "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=3)
+    assert p.recompute == "pipeline" and p.recompute_checkpoints == []
+    p = build_plan({"device": "cpu", "recompute": "auto"}, TinyNet(), {"micro_batch_size": 1})
+    assert p.recompute == "checkpoints" and p.recompute_checkpoints == [f"blocks.{i}" for i in range(6)]
+    # Explicit modes are kept; single-IPU modes are refused on a pipeline and Pipeline on one IPU.
+    assert plan({"recompute": "recompute_all"}, micro=1).recompute == "recompute_all"
+    with pytest.raises(PlanError, match="'standard' is a single-IPU PopART mode"):
+        plan({"recompute": "standard", "pipeline_splits": ["blocks.3"]}, micro=1, global_batch=3)
+    with pytest.raises(PlanError, match="'pipeline' needs pipeline_splits"):
+        plan({"recompute": "pipeline"}, micro=1)
+    # A pipelined plan without recomputation says so (the adapter then sets autoRecomputation None explicitly).
+    assert plan({"pipeline_splits": ["blocks.3"]}, micro=1, global_batch=3).recompute == "none"
     with pytest.raises(PlanError, match="needs execution.recompute_checkpoints"):
         plan({"recompute": "checkpoints"}, micro=1)
     with pytest.raises(PlanError, match="'blocks.77' is not a module"):
@@ -183,3 +197,41 @@ def test_ipu_configs_make_valid_plans(path) -> None:
     assert p.device == "ipu" and p.global_batch_size == cfg.train.global_batch_size
     assert p.ipus_used in (16, 64)  # POD16 / POD64 configs use the whole machine
     assert str(p.ipus_used) in path.stem.replace("pod", "")
+
+
+def _popart_sets(p: ExecutionPlan) -> list[tuple]:
+    from ipu_norm.ipu import poptorch_adapter as pa
+
+    return [c.args for c in pa.option_calls(p) if c.path == "_Popart.set"]
+
+
+def test_stable_norm_for_group_and_layer_norm_only() -> None:
+    """GN/LN models get PopART's two-pass norm statistics, as Graphcore's application sets enableStableNorm."""
+    for norm, stable in ((nn.GroupNorm(2, 4), True), (nn.LayerNorm([4, 8, 8]), True), (nn.BatchNorm2d(4), False)):
+        model = TinyNet()
+        model.blocks[0].append(norm)
+        p = build_plan({"device": "ipu"}, model, {"micro_batch_size": 1})
+        assert p.stable_norm is stable
+        assert (("enableStableNorm", True) in _popart_sets(p)) is stable
+
+
+def test_recompute_options_state_the_mode() -> None:
+    """Each plan mode becomes the PopART options that run it; a pipelined 'none' is said explicitly (else PopTorch
+    would switch Pipeline recomputation on by itself)."""
+    two = {"pipeline_splits": ["blocks.3"]}
+    assert _popart_sets(plan(two, micro=1, global_batch=3)) == [("autoRecomputation", 0)]
+    assert _popart_sets(plan({}, micro=1)) == []
+    assert _popart_sets(plan({**two, "recompute": "auto"}, micro=1, global_batch=3)) == [("autoRecomputation", 3)]
+    assert _popart_sets(plan({"recompute": "auto"}, micro=1)) == [("explicitRecomputation", True),
+                                                                  ("autoRecomputation", 1)]
+    assert _popart_sets(plan({"recompute": "recompute_all"}, micro=1)) == [("explicitRecomputation", True),
+                                                                           ("autoRecomputation", 4)]
+    manual = {"recompute": "checkpoints", "recompute_checkpoints": ["blocks.1"]}
+    assert _popart_sets(plan(manual, micro=1)) == [("explicitRecomputation", True), ("autoRecomputation", 4)]
+    assert _popart_sets(plan({**two, **manual}, micro=1, global_batch=3)) == [("autoRecomputation", 3)]
+
+
+def test_half_weights_on_ipu_only() -> None:
+    assert plan({"precision": "16.32"}, micro=1).weights_half
+    assert not plan({"precision": "32.32"}, micro=1).weights_half
+    assert not build_plan({"device": "cpu", "precision": "bf16"}, TinyNet(), {"micro_batch_size": 1}).weights_half

@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import replace
 from itertools import combinations
 
 import pytest
 import torch
 from torch import nn
 
+from ipu_norm.core.plan import PrecisionSpec, build_plan
+from ipu_norm.core.splitter import plan_pipeline
 from ipu_norm.memory.estimate import (
-    IPUPlan,
     MemoryBudgetError,
+    MemorySpec,
     check_fits_ipu,
+    decreasing_intervals,
     estimate_plan,
     in_flight,
     max_micro_batch,
     memory_balanced_splits,
     plan_fits,
+    plan_for_profile,
     read_popvision,
-    stage_estimate,
+    standard_recompute_bytes,
     unit_memory_costs,
+    with_splits,
 )
 from ipu_norm.memory.measure import (
     ActivationProfile,
     BlockScaling,
     LiveStorageTracker,
+    OpScaling,
     fit_activation_scaling,
     measure_activations,
     measure_peak,
@@ -196,183 +202,258 @@ def synthetic_profile() -> ActivationProfile:
 
 def test_stage_estimate_matches_hand_computation() -> None:
     prof = synthetic_profile()
-    b = prof.blocks[1]
-    plan = IPUPlan(micro_batch_size=4, num_stages=3, precision="16.32", optimizer="adam", gradient_accumulation=3,
-                   ipu_memory_bytes=10**7, overhead_fraction=0.1, available_memory_proportion=0.5)
-    st = stage_estimate([b], 1, plan)
+    plan = with_splits(plan_for_profile(prof, micro_batch_size=4, precision="16.32", num_stages=3,
+                                        available_memory_proportion=0.5), [1, 2])
+    spec = MemorySpec(optimizer="adamw", ipu_memory_bytes=10**7, overhead_fraction=0.1)
+    st = estimate_plan(prof, plan, spec).stages[1]  # blocks.0 alone, stage 1 of 3
     p = 20_000
-    assert st.in_flight == 2 * (3 - 1) - 1 == 3
-    assert st.weights == 2 * p and st.master_weights == 4 * p
-    assert st.optimizer_state == 2 * 4 * p  # Adam: 2 fp32 slots
+    # PopART: a stash of 2(S-k)-1 = 3 entries next to the live tensor (pipeline.cpp:72-79) -> 4 copies.
+    assert st.in_flight == 4
+    assert st.weights == 2 * p  # model.half() on the IPU: fp16 weights, no fp32 master copy
+    assert st.optimizer_state == 2 * 4 * p  # AdamW: 2 fp32 slots
     assert st.gradients == 2 * p + 4 * p  # fp16 gradient + fp32 accumulator
-    assert st.activations == 3 * (40_000 * 4 + 50) * 2  # 3 micro-batches in flight, fp16
+    assert st.activations == 4 * (40_000 * 4 + 50) * 2  # 4 copies, fp16
     assert st.temporary == 3 * 16_000 * 4 * 2  # 3 x largest boundary tensor (input) of one micro-batch
     assert st.overhead == 10**6
     assert st.total == pytest.approx(
-        st.weights + st.master_weights + st.optimizer_state + st.gradients + st.activations + st.temporary + 10**6
+        st.weights + st.optimizer_state + st.gradients + st.activations + st.temporary + 10**6
     )
+    # 32.32: fp32 weights and gradients; 16.16: fp16 optimizer state.
+    p32 = dataclasses.replace(plan, precision=PrecisionSpec.parse("32.32"))
+    assert estimate_plan(prof, p32, spec).stages[1].weights == 4 * p
+    p16 = dataclasses.replace(plan, precision=PrecisionSpec.parse("16.16"))
+    assert estimate_plan(prof, p16, spec).stages[1].optimizer_state == 2 * 2 * p
     # Temporary memory is capped by available_memory_proportion.
-    assert stage_estimate([b], 1, replace(plan, available_memory_proportion=0.01)).temporary == 0.01 * 10**7
+    capped = dataclasses.replace(plan, available_memory_proportion=[0.01] * 3)
+    assert estimate_plan(prof, capped, spec).stages[1].temporary == 0.01 * 10**7
 
 
 def test_in_flight_rule() -> None:
-    assert [in_flight(k, 4) for k in range(4)] == [7, 5, 3, 1]
+    # stash 2(S-k)-1 (getStashSize = numIndependentStages between the forward stage k and the backward stage
+    # 2S-2-k) plus the live tensor; the last stage has no stash.
+    assert [in_flight(k, 4) for k in range(4)] == [8, 6, 4, 1]
     assert in_flight(0, 1) == 1
 
 
 def test_estimate_scales_linearly_in_micro_batch() -> None:
     prof = synthetic_profile()
-    for rc in ("none", "checkpoints", "stage"):
-        acts = [estimate_plan(prof, IPUPlan(micro_batch_size=m, recompute=rc), []).stages[0].activations
-                for m in (1, 2, 4, 8)]
+    for rc, n in (("none", 1), ("recompute_all", 1), ("none", 3), ("pipeline", 3)):
+        acts = [sum(s.activations for s in estimate_plan(prof, plan_for_profile(
+            prof, micro_batch_size=m, num_stages=n, recompute=rc)).stages) for m in (1, 2, 4, 8)]
         # affine: equal increments per added sample
         assert acts[1] - acts[0] == pytest.approx((acts[2] - acts[1]) / 2)
         assert acts[3] - acts[2] == pytest.approx(2 * (acts[2] - acts[1]))
 
 
-def test_recompute_reduces_activation_estimate() -> None:
+def test_pipeline_recompute_reduces_all_but_the_last_stage() -> None:
     prof = synthetic_profile()
-    for n in (1, 2, 3):
+    for n in (2, 3):
         for mb in (1, 8):
-            base = IPUPlan(micro_batch_size=mb, num_stages=n, splits=[1, 3][: n - 1], gradient_accumulation=n)
-            plain = estimate_plan(prof, base)
-            rc = estimate_plan(prof, replace(base, recompute="checkpoints"))
-            for a, b in zip(plain.stages, rc.stages):
-                assert b.activations <= a.activations
-            assert sum(s.activations for s in rc.stages) < sum(s.activations for s in plain.stages)
+            plain = estimate_plan(prof, plan_for_profile(prof, micro_batch_size=mb, num_stages=n))
+            rc = estimate_plan(prof, plan_for_profile(prof, micro_batch_size=mb, num_stages=n, recompute="pipeline"))
+            for a, b in zip(plain.stages[:-1], rc.stages[:-1]):
+                assert b.activations < a.activations
+            # PopART keeps the last stage's activations (setFinalFwdStageRecomputation): nothing saved there.
+            assert rc.stages[-1].activations == plain.stages[-1].activations
 
 
-def test_checkpoint_names_set_segments() -> None:
+def test_manual_checkpoints_on_one_ipu() -> None:
+    """recompute_all + checkpoints with explicit recomputation: keep the model input and the checkpoint outputs,
+    rebuild the largest segment during the backward."""
     prof = synthetic_profile()
-    plan = IPUPlan(micro_batch_size=2, recompute="checkpoints", checkpoints=["blocks.1"], precision="32.32")
-    st = estimate_plan(prof, plan, []).stages[0]
+    plan = dataclasses.replace(plan_for_profile(prof, micro_batch_size=2, precision="32.32"), recompute="checkpoints",
+                               recompute_checkpoints=["blocks.1"])
+    st = estimate_plan(prof, plan).stages[0]
     mb, fb = 2, 4
-    seg1 = ["stem", "blocks.0", "blocks.1"]
     by = {b.name: b for b in prof.blocks}
     stash = (by["stem"].input_per_sample + by["blocks.2"].input_per_sample) * mb * fb
     # the rebuilt segment's input is part of the stash already
-    rebuilt = max(sum(by[n].saved_bytes(mb, fb) for n in seg1) - by["stem"].input_per_sample * mb * fb,
+    rebuilt = max(sum(by[n].saved_bytes(mb, fb) for n in ("stem", "blocks.0", "blocks.1"))
+                  - by["stem"].input_per_sample * mb * fb,
                   sum(by[n].saved_bytes(mb, fb) for n in ("blocks.2", "blocks.3", "head"))
                   - by["blocks.2"].input_per_sample * mb * fb)
     assert st.activations == pytest.approx(stash + rebuilt)
 
 
-def _brute_min_max(prof: ActivationProfile, plan: IPUPlan) -> float:
+def test_decreasing_intervals_follow_popart_formula() -> None:
+    # intervals.cpp:10-43: K = floor(0.75 * (floor(sqrt(2N)) - 1)); sizes K, K-1, .., 1, then one op each.
+    assert decreasing_intervals(1) == [(0, 1)]
+    assert decreasing_intervals(5) == [(i, i + 1) for i in range(5)]  # K = floor(0.75 * 2) = 1
+    assert decreasing_intervals(25)[:5] == [(0, 4), (4, 7), (7, 9), (9, 10), (10, 11)]  # K = floor(0.75 * 6) = 4
+    iv = decreasing_intervals(50)  # K = floor(0.75 * 9) = 6
+    assert iv[:6] == [(0, 6), (6, 11), (11, 15), (15, 18), (18, 20), (20, 21)] and len(iv) == 6 + 29
+
+
+def test_standard_recompute_on_a_chain_by_hand() -> None:
+    """50 ops in a chain (op i reads op i-1), outputs shrinking: in each decreasing interval the smallest live set is
+    the interval's last op, which PopART keeps; every op past the intervals is kept; the largest run of recomputed
+    ops (0..4) is live again while its backward runs."""
+    n = 50
+    size = [100 - i for i in range(n)]
+    ops = [OpScaling(0, float(size[i]), 0.0, float(size[i]), 0.0, (i - 1,) if i else ()) for i in range(n)]
+    kept, rebuilt, ckpts = standard_recompute_bytes(ops, mb=1, ab=1)
+    assert ckpts == {5, 10, 14, 17, 19} | set(range(20, n))
+    assert kept == sum(size[j] for j in ckpts)
+    assert rebuilt == sum(size[0:5])
+    assert kept + rebuilt < sum(size)
+
+
+def _brute_min_max(prof: ActivationProfile, plan) -> float:  # noqa: ANN001
     """Smallest achievable largest-stage estimate over every contiguous split (exhaustive)."""
     n = len(prof.blocks)
     return min(
-        estimate_plan(prof, plan, list(cuts)).max_total for cuts in combinations(range(1, n), plan.num_stages - 1)
+        estimate_plan(prof, with_splits(plan, list(cuts))).max_total
+        for cuts in combinations(range(1, n), plan.num_stages - 1)
     )
 
 
 def test_planner_choices_fit_and_rejections_are_over_budget() -> None:
     prof = synthetic_profile()
-    base = IPUPlan(micro_batch_size=1, ipu_memory_bytes=3 * 10**6, overhead_fraction=0.1, optimizer="sgd_momentum")
-    results = plan_fits(prof, [1, 2, 4, 8, 16], base, ipu_counts=(1, 2, 4))
+    spec = MemorySpec(optimizer="sgd_momentum", ipu_memory_bytes=3 * 10**6, overhead_fraction=0.1)
+    base = plan_for_profile(prof, micro_batch_size=1)
+    results = plan_fits(prof, [1, 2, 4, 8, 16], base, spec, ipu_counts=(1, 2, 4))
     statuses = {f.status for f in results}
     assert {"fits", "no"} <= statuses  # the budget makes the grid non-trivial
     for f in results:
         for est in (f.estimate, f.estimate_recompute):
+            exhaustive = min(
+                estimate_plan(prof, with_splits(est.plan, list(cuts)), spec).max_total
+                for cuts in combinations(range(1, len(prof.blocks)), est.plan.num_stages - 1))
             # every stage the planner reports as fitting is under the budget (recomputed independently)
             if est.fits:
-                for s in est.stages:
-                    assert s.total <= base.ipu_memory_bytes
+                assert all(s.total <= spec.ipu_memory_bytes for s in est.stages)
             # a reported "does not fit" means no contiguous split of that many stages fits
             else:
-                assert _brute_min_max(prof, est.plan) > base.ipu_memory_bytes
+                assert exhaustive > spec.ipu_memory_bytes
             # the planner's split is memory-optimal
-            assert est.max_total == pytest.approx(_brute_min_max(prof, est.plan))
+            assert est.max_total == pytest.approx(exhaustive)
 
 
 def test_max_micro_batch_is_the_boundary() -> None:
     prof = synthetic_profile()
-    base = IPUPlan(micro_batch_size=1, ipu_memory_bytes=6 * 10**6, overhead_fraction=0.1)
+    spec = MemorySpec(ipu_memory_bytes=6 * 10**6, overhead_fraction=0.1)
     found = []
     for n in (1, 2, 3):
-        mb = max_micro_batch(prof, base, n)
+        base = plan_for_profile(prof, micro_batch_size=1, num_stages=n)
+        mb = max_micro_batch(prof, base, n, spec)
 
-        def best(m: int, n: int = n) -> float:
-            p = replace(base, micro_batch_size=m, num_stages=n, gradient_accumulation=2 * n - 1)
-            return _brute_min_max(prof, p) if n > 1 else estimate_plan(prof, p, []).max_total
+        def best(m: int, base=base) -> float:  # noqa: ANN001
+            p = dataclasses.replace(base, micro_batch_size=m)
+            return min(estimate_plan(prof, with_splits(p, list(c)), spec).max_total
+                       for c in combinations(range(1, len(prof.blocks)), p.num_stages - 1))
 
         if mb == 0:  # nothing fits on n stages
-            assert best(1) > base.ipu_memory_bytes
+            assert best(1) > spec.ipu_memory_bytes
         else:
-            assert best(mb) <= base.ipu_memory_bytes < best(mb + 1)
+            assert best(mb) <= spec.ipu_memory_bytes < best(mb + 1)
         found.append(mb)
     assert max(found) > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain ops: the profile PopTorch's traced graph needs
+
+
+def test_plain_ops_profile_saves_what_the_traced_ops_need() -> None:
+    """PN-Act with SiLU on the plain ops: x * w + b (saves x), silu (saves its input u), * s (saves silu(u)), + t:
+    3 C H W per sample (the per-channel proxy statistics are constant in the micro-batch). The default CPU path
+    (a memory-lean autograd function) saves less, which is why the IPU profile must be measured on plain ops."""
+    from ipu_norm.layers.proxy_norm import ProxyNormAct
+
+    c, h = 4, 6
+    layer = nn.Sequential(ProxyNormAct(c, act="silu"))
+    plain = fit_activation_scaling(layer, 0, fit_sizes=(1, 2), verify_sizes=(), input_shape=(c, h, h),
+                                   plain_ops=True)
+    assert plain.blocks[0].float_per_sample == pytest.approx(3 * c * h * h)
+    default = fit_activation_scaling(layer, 0, fit_sizes=(1, 2), verify_sizes=(), input_shape=(c, h, h))
+    assert default.blocks[0].float_per_sample < plain.blocks[0].float_per_sample
+
+
+def test_op_list_accounts_for_the_saved_tensors() -> None:
+    """The recorded forward ops' saved elements add up to the block totals, less the model input (saved by the
+    first conv but created by no op)."""
+    model = TinyResNet()
+    n, res = 2, 8
+    m = measure_activations(model, n, res, plain_ops=True, record_ops=True)
+    per_block = [0] * len(m.blocks)
+    for op in m.ops:
+        if op.block >= 0:
+            per_block[op.block] += op.saved_elems
+    totals = [b.saved_float_elems for b in m.blocks]
+    assert per_block[1:] == totals[1:]
+    assert totals[0] - per_block[0] == n * 3 * res * res
+    assert all(0 <= i < k for k, op in enumerate(m.ops) for i in op.inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Budget check for the trainer
 
 
+def _tiny_plan(model: nn.Module, execution: dict, micro: int, global_batch: int | None = None):  # noqa: ANN202
+    return build_plan({"device": "ipu", **execution}, model, {"micro_batch_size": micro,
+                                                              "global_batch_size": global_batch})
+
+
 def test_check_fits_ipu_raises_naming_stage_and_fix() -> None:
     model = TinyResNet()
-    prof = fit_activation_scaling(model, 16, verify_sizes=())
-    small = 3 * 10**6
-    cfg = {"execution": {"pipeline_splits": ["blocks.2"], "precision": "16.32"}, "train": {"micro_batch_size": 64},
-           "optim": {"name": "sgd", "momentum": 0.9}}
+    prof = fit_activation_scaling(model, 16, verify_sizes=(), plain_ops=True, record_ops=True)
+    spec = MemorySpec(optimizer="sgd_momentum", ipu_memory_bytes=3 * 10**6)
+    plan = _tiny_plan(model, {"pipeline_splits": ["blocks.2"], "precision": "16.32"}, 64, 64 * 3)
     with pytest.raises(MemoryBudgetError) as err:
-        check_fits_ipu(model, cfg, profile=prof, ipu_memory_bytes=small)
+        check_fits_ipu(model, plan, spec=spec, profile=prof)
     msg = str(err.value)
     assert "stage 0 (stem..blocks.1, IPU0)" in msg
     assert "> 3 MB budget" in msg
     assert "micro_batch_size <=" in msg
     est = err.value.estimate
-    assert est is not None and not est.fits and est.worst.total > small
+    assert est is not None and not est.fits and est.worst.total > 3 * 10**6
     # The suggested micro-batch really fits.
     mb = int(msg.split("micro_batch_size <= ")[1].split(",")[0].split(" ")[0])
-    ok = check_fits_ipu(model, cfg, profile=prof, ipu_memory_bytes=small, micro_batch_size=mb)
+    ok = check_fits_ipu(model, dataclasses.replace(plan, micro_batch_size=mb), spec=spec, profile=prof)
     assert ok.fits and ok.splits == [3]  # 'blocks.2' is unit 3 of stem, blocks.0.., head
 
 
-def test_check_fits_ipu_measures_the_model_and_accepts_execution_plan() -> None:
-    plan_mod = pytest.importorskip("ipu_norm.ipu.plan")
+def test_check_fits_ipu_measures_the_model() -> None:
     model = TinyResNet()
-    plan = plan_mod.build_plan(
-        {"device": "ipu", "ipus_per_replica": 2, "pipeline_splits": ["blocks.1"], "precision": "16.32"},
-        # PopTorch trains N=2 pipeline stages only with gradient accumulation >= 2N-1 = 3 (ExecutionPlan checks it).
-        model, {"micro_batch_size": 4, "global_batch_size": 12},
-    )
+    # PopTorch trains N=2 pipeline stages only with gradient accumulation >= 2N-1 = 3 (ExecutionPlan checks it).
+    plan = _tiny_plan(model, {"ipus_per_replica": 2, "pipeline_splits": ["blocks.1"], "precision": "16.32"}, 4, 12)
     est = check_fits_ipu(model, plan, resolution=16)
     assert est.fits and est.splits == [2] and len(est.stages) == 2
-    assert est.plan.gradient_accumulation == 3 and est.plan.precision == "16.32"
+    assert est.plan is plan and est.plan.recompute == "none"
     with pytest.raises(MemoryBudgetError, match=r"stage \d \("):
-        check_fits_ipu(model, plan, resolution=16, ipu_memory_bytes=2 * 10**5, overhead_fraction=0.0)
+        check_fits_ipu(model, plan, resolution=16, spec=MemorySpec(ipu_memory_bytes=2 * 10**5, overhead_fraction=0))
 
 
 def test_check_fits_ipu_reads_the_app_config() -> None:
-    schema = pytest.importorskip("ipu_norm.config.schema")
-    cfg = schema.Config()
+    from ipu_norm.config.schema import Config
+
+    cfg = Config()
     cfg.train.micro_batch_size = 4
+    cfg.execution.device = "ipu"
     cfg.execution.precision = "16.16"
+    cfg.execution.loss_scaling = 128.0
     cfg.execution.pipeline_splits = ["blocks.2"]
     cfg.optim.name = "rmsprop"
     cfg.optim.momentum = 0.0
-    plan = IPUPlan.from_any(cfg)
-    assert (plan.micro_batch_size, plan.num_stages, plan.precision, plan.optimizer) == (4, 2, "16.16", "rmsprop")
     model = TinyResNet()
-    est = check_fits_ipu(model, cfg)  # resolution from model.default_cfg (cfg.data.train_size is null)
-    assert est.fits and est.splits == [3]
+    plan = build_plan(cfg.execution, model, {"micro_batch_size": 4, "global_batch_size": 12})
+    est = check_fits_ipu(model, plan, config=cfg)  # resolution from model.default_cfg (cfg.data.train_size is null)
+    assert est.fits and est.splits == [3] and est.spec.optimizer == "rmsprop"
     # RMSprop without momentum: one fp16 (16.16) state slot per parameter of the stage
-    prof = fit_activation_scaling(model, model.default_cfg["train_size"], verify_sizes=())
-    stage_params = sum(b.param_elems for b in prof.blocks if b.name in est.stages[0].blocks)
+    stage_params = sum(p.numel() for n in est.stages[0].blocks for p in model.get_submodule(n).parameters())
     assert est.stages[0].optimizer_state == 2 * stage_params
 
 
 def test_memory_balanced_splits_and_cost_vector_for_the_splitter() -> None:
     model = TinyResNet(n_blocks=6)
-    prof = fit_activation_scaling(model, 16, verify_sizes=())
-    plan = IPUPlan(micro_batch_size=8, num_stages=3, gradient_accumulation=3)
+    prof = fit_activation_scaling(model, 16, verify_sizes=(), plain_ops=True)
+    plan = plan_for_profile(prof, micro_batch_size=8, num_stages=3)
     names = memory_balanced_splits(model, plan, profile=prof)
-    idx = [prof.names.index(n) for n in names]
     assert len(names) == 2 and all(n.startswith("blocks.") or n == "head" for n in names)
-    assert estimate_plan(prof, plan, idx).max_total == pytest.approx(_brute_min_max(prof, plan))
+    assert estimate_plan(prof, with_splits(plan, names)).max_total == pytest.approx(_brute_min_max(prof, plan))
     costs = unit_memory_costs(prof, plan)
     assert len(costs) == len(prof.blocks) and all(c > 0 for c in costs)
-    splitter = pytest.importorskip("ipu_norm.ipu.splitter")
-    assert len(splitter.plan_pipeline(model, 3, cost=costs)) == 2
+    assert len(plan_pipeline(model, 3, cost=costs)) == 2
 
 
 def test_read_popvision_without_libpva_returns_none(tmp_path) -> None:  # noqa: ANN001
@@ -402,7 +483,7 @@ def test_read_popvision_report(tmp_path) -> None:  # noqa: ANN001
 
 def test_nan_free_totals() -> None:
     prof = synthetic_profile()
-    e = estimate_plan(prof, IPUPlan(micro_batch_size=3, num_stages=2, gradient_accumulation=2))
+    e = estimate_plan(prof, plan_for_profile(prof, micro_batch_size=3, num_stages=2))
     assert all(math.isfinite(s.total) and s.total > 0 for s in e.stages)
 
 

@@ -11,7 +11,7 @@ import torch
 from procs import spawn_gloo
 from torch import nn
 
-from ipu_norm.ipu.plan import build_plan
+from ipu_norm.core.plan import build_plan
 from ipu_norm.parallel import ParallelLayout, build_local_model, build_stage_modules
 from ipu_norm.parallel.stages import CheckpointedSegment
 

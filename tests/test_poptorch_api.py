@@ -154,7 +154,10 @@ def test_option_combinations_conform(combo: str, optim: str) -> None:
     wrapped(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))  # identity_loss and any recomputationCheckpoint
     called = _walk_log(s)
     assert "poptorch.identity_loss" in called
-    assert ("poptorch.options._PopartOptions.set" in called) == (plan.recompute != "none")
+    # Recomputation is always stated: a pipelined 'none' sets autoRecomputation None (PopTorch's default would be
+    # Pipeline); GN/LN models set enableStableNorm.
+    assert ("poptorch.options._PopartOptions.set" in called) == (plan.recompute != "none" or plan.pipelined
+                                                                 or plan.stable_norm)
 
 
 def test_printed_option_calls_run_on_the_standin() -> None:

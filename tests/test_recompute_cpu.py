@@ -9,7 +9,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from ipu_norm.config.loader import load_config
-from ipu_norm.ipu.plan import build_plan
+from ipu_norm.core.plan import build_plan
 from ipu_norm.parallel.stages import build_local_model
 from ipu_norm.train.builders import build_model
 from ipu_norm.train.trainer import train

@@ -1,4 +1,5 @@
-"""auto_split is exact (checked against brute force) and plan_pipeline names valid block boundaries."""
+"""The one split algorithm (core/splitter.py) is exact (checked against brute force, additive and stage-dependent
+costs) and plan_pipeline names valid block boundaries."""
 
 import itertools
 import random
@@ -7,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from ipu_norm.ipu.splitter import auto_split, max_stage_cost, pipeline_units, plan_pipeline, unit_flops
+from ipu_norm.core.splitter import (
+    auto_split,
+    max_stage_cost,
+    pipeline_units,
+    plan_pipeline,
+    split_stages,
+    unit_flops,
+)
 
 
 def brute_force(costs: list[float], num_stages: int) -> float:
@@ -131,15 +139,39 @@ def test_plan_pipeline_flops_and_vectors() -> None:
         plan_pipeline(m, 2, cost=[1, 2, 3])
 
 
-def test_plan_pipeline_memory_cost_runs_on_meta() -> None:
+def test_plan_pipeline_flops_runs_on_meta_and_rejects_unknown_cost() -> None:
     with torch.device("meta"):
         m = TinyNet()
-    splits = plan_pipeline(m, 2, cost="memory", image_size=8)
-    assert len(splits) == 1
+    assert len(plan_pipeline(m, 2, image_size=8)) == 1
+    with pytest.raises(ValueError, match="unknown cost 'memory'"):
+        plan_pipeline(m, 2, cost="memory")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_stages_with_stage_dependent_cost_vs_brute_force(seed: int) -> None:
+    """Stage k's cost depends on k (as the IPU memory estimate's in-flight copies do): the answer is still the
+    exhaustive minimax, and the most even (sum of squares) among the optimal splits."""
+    rng = random.Random(100 + seed)
+    n, s = rng.randint(3, 8), rng.randint(1, 3)
+    w = [rng.randint(0, 9) for _ in range(n)]
+    weight = [s - k for k in range(s)]  # earlier stages hold more, like 2(S-k) stash copies
+
+    def cost(k: int, i: int, j: int) -> float:
+        return weight[k] * sum(w[i:j]) + 1
+
+    def stage_costs(cuts: tuple[int, ...]) -> list[float]:
+        b = [0, *cuts, n]
+        return [cost(k, b[k], b[k + 1]) for k in range(s)]
+
+    got = split_stages(n, s, cost)
+    every = [stage_costs(c) for c in itertools.combinations(range(1, n), s - 1)]
+    best = min(max(c) for c in every)
+    assert max(stage_costs(tuple(got))) == best
+    assert sum(x * x for x in stage_costs(tuple(got))) == min(sum(x * x for x in c) for c in every if max(c) == best)
 
 
 def test_cli_prints_splits(capsys: pytest.CaptureFixture) -> None:
-    from ipu_norm.ipu.splitter import main
+    from ipu_norm.ipu.__main__ import main
 
     main(["--model", "resnet18", "--ipus", "2", "--image-size", "32"])
     out = capsys.readouterr().out

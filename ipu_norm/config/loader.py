@@ -385,7 +385,7 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
     if amp is not None:
         values = amp if isinstance(amp, list) else [amp]
         _check(all(0 < v <= 1 for v in values), "execution.available_memory_proportion", "values in (0, 1]", s)
-    # Stage / IPU-count consistency needs the model: ipu_norm.ipu.plan.build_plan checks it at start.
+    # Stage / IPU-count consistency needs the model: ipu_norm.core.plan.build_plan checks it at start.
     _check(
         e.recompute != "checkpoints" or bool(e.recompute_checkpoints),
         "execution.recompute_checkpoints",

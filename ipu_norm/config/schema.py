@@ -126,7 +126,9 @@ class ExecutionConfig:
     ipus_per_replica: int = 1
     pipeline_splits: list[str] = field(default_factory=list)  # module names starting a new stage: 'blocks.7'
     pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
-    recompute: Literal["none", "checkpoints", "auto"] = "none"
+    # none | auto (PopTorch's default mode: pipeline when pipelined, standard on one IPU) | standard | recompute_all |
+    # pipeline | checkpoints (manual, recompute_checkpoints); see ipu_norm/core/plan.py
+    recompute: Literal["none", "auto", "standard", "recompute_all", "pipeline", "checkpoints"] = "none"
     recompute_checkpoints: list[str] = field(default_factory=list)  # module names whose outputs are kept
     available_memory_proportion: float | list[float] | None = None  # one value or one per IPU
     stochastic_rounding: bool = True

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipu_norm.core.plan import ExecutionPlan
 from ipu_norm.ipu import poptorch_adapter as pa
-from ipu_norm.ipu.plan import ExecutionPlan
 
 
 def _train_types() -> tuple[Any, Any]:
-    from ipu_norm.train.backend import StepResult, TrainSpec
+    from ipu_norm.core.backend import StepResult, TrainSpec
 
     return StepResult, TrainSpec
 

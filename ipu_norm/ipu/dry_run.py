@@ -41,7 +41,7 @@ def _stage_lines(plan: Any, estimate: Any) -> list[str]:
         if est is not None:
             line += (
                 f" | est. {_mb(est.total)} of {_mb(est.budget)} ({100 * est.total / est.budget:.0f}%): weights "
-                f"{_mb(est.weights + est.master_weights)}, optimizer {_mb(est.optimizer_state)}, activations "
+                f"{_mb(est.weights)}, optimizer {_mb(est.optimizer_state)}, activations "
                 f"{_mb(est.activations)} x{est.in_flight} in flight, temporary {_mb(est.temporary)}"
             )
         lines.append(line)
@@ -140,8 +140,8 @@ def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
 def _compile(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim.Optimizer, poptorch: Any,
              out: PRINT) -> None:
     """Prepare the backend as training does and compile the training executable with example inputs."""
+    from ipu_norm.core.backend import TrainSpec
     from ipu_norm.ipu.backend import PoptorchBackend
-    from ipu_norm.train.backend import TrainSpec
     from ipu_norm.train.builders import build_criterion, image_sizes
 
     criterion, soft = build_criterion(cfg)
@@ -163,7 +163,7 @@ def _compile(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
 
 def dry_run(cfg: Any, *, out: PRINT = print, poptorch: Any = None) -> int:
     """Run the dry run of `cfg` and return the process exit code (see module docstring)."""
-    from ipu_norm.ipu.plan import PlanError, build_plan
+    from ipu_norm.core.plan import PlanError, build_plan
     from ipu_norm.train.builders import build_model, build_optimizer
 
     if cfg.execution.device != "ipu":

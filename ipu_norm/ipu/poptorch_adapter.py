@@ -38,12 +38,12 @@ against it (run-time on a table-generated stand-in, and an AST scan), so add a n
   weight_decay, ..., loss_scaling, bias_correction, accum_type, first_order_momentum_accum_type,
   second_order_momentum_accum_type)``, ``RMSprop(params, lr, alpha, eps, weight_decay, momentum, centered, ...,
   loss_scaling, accum_type, first_order_momentum_accum_type, second_order_momentum_accum_type, use_tf_variant)``.
-- PopART ``autoRecomputation`` values (popart.RecomputationType): 1 Standard, 3 Pipeline, 4 RecomputeAll, as used
-  with ``_Popart.set("autoRecomputation", ...)`` and ``explicitRecomputation`` in graphcore/examples
+- PopART ``autoRecomputation`` values (popart.RecomputationType): 0 None, 1 Standard, 3 Pipeline, 4 RecomputeAll,
+  as used with ``_Popart.set("autoRecomputation", ...)`` and ``explicitRecomputation`` in graphcore/examples
   vision/cnns/pytorch and poptorch's tests.
 - Pipelining constraints, popart_compiler/source/Compiler.cpp and docs/user_guide/overview.rst: training N IPU
   stages needs ``Training.gradientAccumulation >= 2N - 1``; pipelined inference needs ``deviceIterations >= N``
-  (enforced in ipu_norm/ipu/plan.py and `option_calls`).
+  (enforced in ipu_norm/core/plan.py and `option_calls`).
 - popdist (Graphcore examples, e.g. vision/cnns/pytorch utils): ``popdist.isPopdistEnvSet()``, ``popdist.init()``,
   ``popdist.getNumTotalReplicas()``, ``popdist.getNumLocalReplicas()``, ``popdist.getInstanceIndex()``,
   ``popdist.getNumInstances()``, ``popdist.poptorch.Options(ipus_per_replica=k)`` (poprun owns the replica count, so
@@ -53,7 +53,6 @@ against it (run-time on a table-generated stand-in, and an AST scan), so add a n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +60,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipu_norm.ipu.plan import ExecutionPlan
+from ipu_norm.core.launch import popdist_rank_and_size, under_poprun  # noqa: F401  (re-exported: pa.*)
+from ipu_norm.core.plan import ExecutionPlan
 
 POPLAR_SDK_MESSAGE = (
     "execution.device='ipu' needs PopTorch from Graphcore's Poplar SDK, which is not installed here "
@@ -70,6 +70,7 @@ POPLAR_SDK_MESSAGE = (
 )
 
 # popart.RecomputationType values (checked in graphcore/examples and poptorch tests; see module docstring).
+RECOMPUTE_NONE = 0
 RECOMPUTE_STANDARD = 1
 RECOMPUTE_PIPELINE = 3
 RECOMPUTE_ALL = 4
@@ -86,18 +87,6 @@ def import_poptorch() -> Any:
     except ImportError as err:
         raise PoplarSDKMissingError(POPLAR_SDK_MESSAGE) from err
     return poptorch
-
-
-def under_poprun(environ: Mapping[str, str] | None = None) -> bool:
-    """True when this process was launched by ``poprun`` (it exports POPDIST_* variables to every instance)."""
-    env = os.environ if environ is None else environ
-    return any(k.startswith("POPDIST_") for k in env)
-
-
-def popdist_rank_and_size(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(instance index, number of instances) from OpenMPI's variables set by poprun's mpirun; (0, 1) otherwise."""
-    env = os.environ if environ is None else environ
-    return int(env.get("OMPI_COMM_WORLD_RANK", 0)), int(env.get("OMPI_COMM_WORLD_SIZE", 1))
 
 
 @dataclass(frozen=True)
@@ -177,15 +166,27 @@ def option_calls(plan: ExecutionPlan, *, popdist: bool = False, for_inference: b
         calls.append(
             OptionCall("setExecutionStrategy", (Build("PipelinedExecution", (Ref("AutoStage.AutoIncrement"),)),))
         )
-    if plan.training and not for_inference and plan.recompute != "none":
-        if plan.pipelined:
-            # Recompute each pipeline stage's forward in its backward; recomputationCheckpoint outputs are kept.
-            calls.append(OptionCall("_Popart.set", ("autoRecomputation", RECOMPUTE_PIPELINE)))
-        else:
-            calls.append(OptionCall("_Popart.set", ("explicitRecomputation", True)))
-            mode = RECOMPUTE_STANDARD if plan.recompute == "auto" else RECOMPUTE_ALL
-            calls.append(OptionCall("_Popart.set", ("autoRecomputation", mode)))
+    if plan.stable_norm:
+        # Two-pass GroupNorm/LayerNorm statistics, as Graphcore's application trains GN models (ipu_settings.py).
+        calls.append(OptionCall("_Popart.set", ("enableStableNorm", True)))
+    if plan.training and not for_inference:
+        calls.extend(_recompute_calls(plan))
     return calls
+
+
+def _recompute_calls(plan: ExecutionPlan) -> list[OptionCall]:
+    """PopART recomputation options for ``plan.recompute`` (ipu_norm/core/plan.py docstring: what each mode runs)."""
+    mode = plan.recompute
+    if mode == "none":
+        # Unset, PopTorch turns on Pipeline recomputation when pipelining (popart_compiler/source/Compiler.cpp:572-578
+        # at sdk/poptorch/3.4.0): say None explicitly so what compiles is what the plan (and its estimate) says.
+        return [OptionCall("_Popart.set", ("autoRecomputation", RECOMPUTE_NONE))] if plan.pipelined else []
+    if mode == "pipeline" or (mode == "checkpoints" and plan.pipelined):
+        # Each stage's forward is recomputed in its backward; recomputationCheckpoint outputs are kept.
+        return [OptionCall("_Popart.set", ("autoRecomputation", RECOMPUTE_PIPELINE))]
+    auto = RECOMPUTE_STANDARD if mode == "standard" else RECOMPUTE_ALL  # 'recompute_all' / manual 'checkpoints'
+    return [OptionCall("_Popart.set", ("explicitRecomputation", True)),
+            OptionCall("_Popart.set", ("autoRecomputation", auto))]
 
 
 def _resolve_attr(root: Any, path: str) -> Any:

@@ -40,7 +40,7 @@ from ipu_norm.ops.cpu_kernels import (
     fused_gn_act_backward,
     fused_gn_act_forward,
 )
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, running_on_ipu
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, uses_plain_ops
 
 NORM_KINDS = ("bn", "gn", "ln", "gn+pn", "ln+pn", "none")
 DEFAULT_EPS = {"bn": 1e-5, "gn": 1e-3, "ln": 1e-3}
@@ -140,7 +140,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
             and x.dim() == 4
             and x.numel() > x.shape[1]  # more than one value per channel: BatchNorm's own requirement
             and fused_bn_relu_applies(x, self.weight)
-            and not running_on_ipu()
+            and not uses_plain_ops()
         )
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
             _FUSED_GN_ACT["enabled"]
             and (self.proxy or x.numel() >= FUSED_GN_ACT_MIN_PLANE * max(x.shape[0] * x.shape[1], 1))
             and fused_gn_act_applies(x, self.weight, self.act_name)
-            and not running_on_ipu()
+            and not uses_plain_ops()
         )
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from ipu_norm.ops.cpu_kernels import (
     fused_relu_shift_backward,
     fused_relu_shift_forward,
 )
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, act_vjp, proxy_stats, running_on_ipu
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, act_vjp, proxy_stats, uses_plain_ops
 
 DEFAULT_PROXY_EPS = 0.03
 # Parameter names of the proxy variable (beta~, gamma~). Among the PN parameters only these are
@@ -97,7 +97,7 @@ def _param_key(params: tuple[torch.Tensor, ...]) -> tuple:
 
 
 def _batching_active() -> bool:
-    return _BATCHING["enabled"] and not torch.compiler.is_compiling() and not running_on_ipu()
+    return _BATCHING["enabled"] and not torch.compiler.is_compiling() and not uses_plain_ops()
 
 
 class ProxyStatsMixin:
@@ -291,7 +291,7 @@ def relu_add_shift(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     (GroupNormAct) then pays one add per element for Proxy Norm instead of a multiply-add and its backward.
     """
     t = _channel_view(shift, u)
-    if torch.is_grad_enabled() and not running_on_ipu():
+    if torch.is_grad_enabled() and not uses_plain_ops():
         return _ReluShiftFn.apply(u, t)
     return torch.relu(u) + t
 
@@ -305,7 +305,7 @@ def apply_proxy_norm_act(
     (PopART differentiates the traced forward itself) and without grad, the plain two ops.
     """
     s, t = _channel_view(scale, x_affine), _channel_view(shift, x_affine)
-    if torch.is_grad_enabled() and not running_on_ipu() and act != "identity":
+    if torch.is_grad_enabled() and not uses_plain_ops() and act != "identity":
         return _ProxyNormActFn.apply(x_affine, s, t, act)
     return ACT_FNS[act](x_affine) * s + t
 

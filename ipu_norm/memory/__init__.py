@@ -1,15 +1,16 @@
 """Training-memory footprints: measure on CPU/GPU, estimate per IPU pipeline stage, compare norms, check budgets.
 
 - measure.py: weights / gradients / optimizer state / saved activations (per block) and the measured peak.
-- estimate.py: per-stage IPU (Mk2, 900 MB) estimate, memory-balanced splits, what fits, and
-  ``check_fits_ipu(model, plan_or_config)`` raising ``MemoryBudgetError`` before compiling.
+- estimate.py: per-stage IPU (Mk2, 900 MB) estimate of an ``ExecutionPlan``, memory-balanced splits, what fits, and
+  ``check_fits_ipu(model, plan, config=cfg)`` raising ``MemoryBudgetError`` before compiling.
+- graphcore.py: Graphcore's published IPU configs, planned and estimated (``python -m ipu_norm.memory.graphcore``).
 - compare.py: ``python -m ipu_norm.memory`` tables and plot across norms and micro-batch sizes.
 """
 
 from ipu_norm.memory.estimate import (
     IPU_MEMORY_BYTES,
-    IPUPlan,
     MemoryBudgetError,
+    MemorySpec,
     PlanEstimate,
     StageEstimate,
     check_fits_ipu,
@@ -28,7 +29,7 @@ from ipu_norm.memory.measure import (
 )
 
 __all__ = [
-    "IPU_MEMORY_BYTES", "ActivationProfile", "IPUPlan", "MemoryBudgetError", "PlanEstimate", "StageEstimate",
+    "IPU_MEMORY_BYTES", "ActivationProfile", "MemoryBudgetError", "MemorySpec", "PlanEstimate", "StageEstimate",
     "check_fits_ipu", "estimate_plan", "fit_activation_scaling", "max_micro_batch", "measure_activations",
     "measure_peak", "measure_step", "memory_balanced_splits", "plan_fits", "unit_memory_costs",
 ]

@@ -23,19 +23,21 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ipu_norm.memory.estimate import (
     IPU_COUNTS,
-    IPUPlan,
+    MemorySpec,
     assumptions_text,
-    estimate_plan,
+    best_split,
+    default_recompute,
     max_micro_batch,
     min_accumulation,
     plan_fits,
+    plan_for_profile,
     read_popvision,
 )
 from ipu_norm.memory.measure import (
@@ -48,6 +50,33 @@ from ipu_norm.memory.measure import (
 NORMS = ("bn", "gn", "gn+pn", "ln+pn", "nf")
 NF_MODELS = {"resnet50": "nf_resnet50"}  # EfficientNet has no normalizer-free counterpart in this project
 MB = 1e6
+
+
+@dataclass(frozen=True)
+class IPUScenario:
+    """The IPU settings of the tables: precision, memory proportion and the `MemorySpec` (optimizer, budget)."""
+
+    precision: str
+    available_memory_proportion: float
+    spec: MemorySpec
+
+    @property
+    def ipu_memory_bytes(self) -> int:
+        return self.spec.ipu_memory_bytes
+
+    def plan(self, profile: ActivationProfile, micro_batch_size: int = 1, num_stages: int = 1, recompute: str = "none",
+             gradient_accumulation: int = 1) -> object:
+        """The what-if `ExecutionPlan` for `profile` (``ipu_norm.memory.estimate.plan_for_profile``)."""
+        return plan_for_profile(profile, micro_batch_size=micro_batch_size, precision=self.precision,
+                                num_stages=num_stages, recompute=recompute,
+                                available_memory_proportion=self.available_memory_proportion,
+                                gradient_accumulation=gradient_accumulation)
+
+    def estimate(self, profile: ActivationProfile, micro_batch_size: int, num_stages: int = 1,
+                 recompute: str = "none", gradient_accumulation: int = 1) -> object:
+        """The best-split estimate of that plan."""
+        return best_split(profile, self.plan(profile, micro_batch_size, num_stages, recompute, gradient_accumulation),
+                          self.spec)
 
 
 def build_model(arch: str, norm: str) -> nn.Module | None:
@@ -103,7 +132,9 @@ def measure_norm(
     if model is None:
         return None
     res = resolution or int(getattr(model, "default_cfg", {}).get("train_size", 224))
-    prof = fit_activation_scaling(model, res, fit_sizes=fit_sizes, verify_sizes=verify_sizes)
+    # The plain ops PopTorch traces (what the IPU tables need), with the op list for Standard recomputation.
+    prof = fit_activation_scaling(model, res, fit_sizes=fit_sizes, verify_sizes=verify_sizes, plain_ops=True,
+                                  record_ops=True)
     params = sum(p.numel() for p in model.parameters())
     weights = tensor_bytes(model.parameters())
     peak = peak_rc = act_rc = None
@@ -154,7 +185,7 @@ def cpu_table(results: Sequence[NormResult | None], norms: Sequence[str], mbs: S
 
 
 def ipu_table(
-    results: Sequence[NormResult | None], norms: Sequence[str], mbs: Sequence[int], base: IPUPlan,
+    results: Sequence[NormResult | None], norms: Sequence[str], mbs: Sequence[int], base: IPUScenario,
     ipus: Sequence[int],
 ) -> str:
     """Per norm and IPU count: largest micro-batch that fits (without / with recompute) and the fitting sizes."""
@@ -168,10 +199,10 @@ def ipu_table(
             continue
         cells = []
         for n in ipus:
-            a = max_micro_batch(r.profile, replace(base, recompute="none"), n)
-            b = max_micro_batch(r.profile, replace(base, recompute="checkpoints"), n)
+            a = max_micro_batch(r.profile, base.plan(r.profile, recompute="none"), n, base.spec)
+            b = max_micro_batch(r.profile, base.plan(r.profile, recompute=default_recompute(n)), n, base.spec)
             cells.append(f"{a} ({b})")
-        fits = plan_fits(r.profile, mbs, base, ipus)
+        fits = plan_fits(r.profile, mbs, base.plan(r.profile), base.spec, ipus)
         per_n = []
         for n in ipus:
             ok = [str(f.micro_batch) + ("" if f.status == "fits" else "r") for f in fits
@@ -181,13 +212,11 @@ def ipu_table(
     return _md_table(header, rows)
 
 
-def smallest_fit(r: NormResult, base: IPUPlan, mb: int, accumulation: int, ipus: Sequence[int]) -> str:
+def smallest_fit(r: NormResult, base: IPUScenario, mb: int, accumulation: int, ipus: Sequence[int]) -> str:
     """'N IPU(s) (per-IPU max X MB)' for the fewest IPUs that fit mb, or 'none of ...'."""
     for n in ipus:
-        for rc in ("none", "checkpoints"):
-            p = replace(base, micro_batch_size=mb, num_stages=n, recompute=rc, splits=None if n > 1 else [],
-                        gradient_accumulation=max(accumulation, min_accumulation(n)))
-            e = estimate_plan(r.profile, p)
+        for rc in ("none", default_recompute(n)):
+            e = base.estimate(r.profile, mb, n, rc, max(accumulation, min_accumulation(n)))
             if e.fits:
                 return f"{n} IPU{'s' if n > 1 else ''}{' with recompute' if rc != 'none' else ''} " \
                        f"(largest stage {_mb(e.max_total)} MB)"
@@ -195,23 +224,22 @@ def smallest_fit(r: NormResult, base: IPUPlan, mb: int, accumulation: int, ipus:
 
 
 def headline(
-    r_bn: NormResult | None, r_pn: NormResult | None, base: IPUPlan, ipus: Sequence[int],
+    r_bn: NormResult | None, r_pn: NormResult | None, base: IPUScenario, ipus: Sequence[int],
     big: int = 32, small: int = 2,
 ) -> str:
     """BN at micro-batch `big` vs GN+PN at micro-batch `small` x accumulation to the same global batch."""
     if r_bn is None or r_pn is None:
         return "headline: n/a (BN or GN+PN model missing)"
     acc = big // small
-    one_bn = estimate_plan(r_bn.profile, replace(base, micro_batch_size=big, num_stages=1, splits=[]))
-    one_pn = estimate_plan(r_pn.profile, replace(base, micro_batch_size=small, num_stages=1, splits=[],
-                                                 gradient_accumulation=acc))
+    one_bn = base.estimate(r_bn.profile, big)
+    one_pn = base.estimate(r_pn.profile, small, gradient_accumulation=acc)
     lines = [
         f"**{r_bn.arch}: BN at micro-batch {big} vs GN+PN at micro-batch {small} x {acc} accumulation "
         f"(global batch {big} both)**",
         f"- CPU/GPU fp32 training memory: BN@{big} {_mb(r_bn.train_bytes(big))} MB "
         f"(activations {_mb(r_bn.act_bytes(big))} MB) vs GN+PN@{small} {_mb(r_pn.train_bytes(small))} MB "
         f"(activations {_mb(r_pn.act_bytes(small))} MB): {r_bn.train_bytes(big) / r_pn.train_bytes(small):.1f}x.",
-        f"- IPU ({base.precision}, {base.optimizer}) single-IPU estimate: BN@{big} {_mb(one_bn.max_total)} MB vs "
+        f"- IPU ({base.precision}, {base.spec.optimizer}) single-IPU estimate: BN@{big} {_mb(one_bn.max_total)} MB vs "
         f"GN+PN@{small} {_mb(one_pn.max_total)} MB (budget {_mb(base.ipu_memory_bytes)} MB).",
         f"- fewest IPUs: BN@{big}: {smallest_fit(r_bn, base, big, 1, ipus)}; "
         f"GN+PN@{small}: {smallest_fit(r_pn, base, small, acc, ipus)}.",
@@ -222,7 +250,7 @@ def headline(
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs: Sequence[int], base: IPUPlan,
+def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs: Sequence[int], base: IPUScenario,
          path: str) -> None:
     """memory vs micro-batch per norm: CPU fp32 training memory and the single-IPU estimate, per architecture."""
     import matplotlib
@@ -241,8 +269,7 @@ def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs:
             style = {"marker": "osv^D"[i % 5], "ls": ["-", "--", "-", "--", ":"][i % 5], "label": norm,
                      "markersize": 7 - i, "alpha": 0.85}
             ax_cpu.plot(mbs, [r.train_bytes(m) / MB for m in mbs], **style)
-            ipu = [estimate_plan(r.profile, replace(base, micro_batch_size=m, num_stages=1, splits=[])).max_total
-                   / MB for m in mbs]
+            ipu = [base.estimate(r.profile, m).max_total / MB for m in mbs]
             ax_ipu.plot(mbs, ipu, **style)
         ax_ipu.axhline(base.ipu_memory_bytes / MB, color="k", ls="--", lw=1, label="900 MB IPU")
         for ax, title in ((ax_cpu, "CPU fp32 training memory"), (ax_ipu, f"1-IPU estimate ({base.precision})")):
@@ -294,10 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     mbs = sorted(set(args.micro_batch))
     norms = [n.lower() for n in args.norms]
-    base = IPUPlan(
-        micro_batch_size=1, precision=args.precision, optimizer=args.optimizer,
-        available_memory_proportion=args.available_memory_proportion, overhead_fraction=args.overhead_fraction,
-    )
+    base = IPUScenario(args.precision, args.available_memory_proportion,
+                       MemorySpec(optimizer=args.optimizer, overhead_fraction=args.overhead_fraction))
     results: dict[str, list[NormResult | None]] = {}
     for arch in args.models:
         results[arch] = []
@@ -339,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         by_norm = dict(zip(norms, rs))
         sections.append(headline(by_norm.get("bn"), by_norm.get("gn+pn"), base, args.ipus))
     sections.append("### Assumptions of the IPU estimate")
-    sections.append("\n".join(f"- {line}" for line in assumptions_text(base).splitlines()))
+    first = next((r for rs in results.values() for r in rs if r is not None), None)
+    if first is not None:
+        text_lines = assumptions_text(base.plan(first.profile), base.spec).splitlines()
+        sections.append("\n".join(f"- {line}" for line in text_lines))
     if args.popvision:
         pv = read_popvision(args.popvision)
         if pv is None:

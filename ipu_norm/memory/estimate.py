@@ -1,61 +1,62 @@
-"""Estimate IPU (Mk2 GC200) memory per pipeline stage, plan what fits, and check a plan before compiling.
+"""Estimate IPU (Mk2 GC200) memory per pipeline stage of an `ExecutionPlan`, plan what fits, check before compiling.
 
-Inputs: an :class:`~ipu_norm.memory.measure.ActivationProfile` (per block: parameters, saved-for-backward
-float elements per sample and per micro-batch, block input/output sizes - measured with saved-tensor hooks on
-CPU/GPU) and a plan (micro-batch, stages, replicas, accumulation, precision, optimizer, recomputation,
-available memory proportion). Per stage k (0-based) of S stages the estimate adds:
+Inputs: an :class:`~ipu_norm.memory.measure.ActivationProfile` of the model (per block: parameters, saved-for-backward
+float elements per sample and per micro-batch, block input/output sizes, and the forward's op list), measured on CPU
+on the plain ATen ops that PopTorch traces (``plain_ops``: not the CPU-only fused kernels), the plan itself
+(``ipu_norm.core.plan.ExecutionPlan``: micro-batch, stages, replicas, accumulation, precision, recomputation, memory
+proportion) and a `MemorySpec` (the optimizer's state slots, the IPU budget, the fixed overhead). Per stage k of S:
 
-- weights: params x compute bytes (2 for 16.x, 4 for 32.32); 16.32 adds an fp32 master copy (4 bytes/param);
-- optimizer state: slots x params x state bytes (fp32 for 16.32/32.32, fp16 for 16.16); slots = 0 SGD,
-  1 SGD momentum/Nesterov, 1 RMSprop, 2 RMSprop with momentum, 2 Adam/AdamW/LAMB; 0 when the state lives
-  off chip (Streaming Memory); divided by replicas with replicated tensor sharding;
-- gradients: params x compute bytes, plus a gradient accumulator (state bytes) when accumulating
-  (pipelining always accumulates: gradient accumulation >= stages);
-- activations: saved-for-backward bytes of the stage's blocks for one micro-batch, priced at the compute
-  dtype (non-float saved tensors keep their measured size), times the micro-batches in flight. Schedule
-  rule (PopART pipelining, GPipe-like fill/flush with 1F1B steady state): stage k holds 2 (S - k) - 1
-  micro-batches in flight (1 without pipelining). With recomputation the in-flight micro-batches keep only
-  the stash - the stage input ('stage') or every block input ('checkpoints') - and the activations of one
-  micro-batch are rebuilt during its backward: the whole stage ('stage') or the largest block
-  ('checkpoints');
-- temporary memory (gradients of activations, conv/matmul partials): 3 x the largest block-boundary tensor
-  of one micro-batch, capped at available_memory_proportion x IPU memory (the proportion Poplar may use for
-  conv/matmul temporaries);
-- a fixed overhead for code, exchange buffers, control and host-I/O streams: ``overhead_fraction`` x IPU
-  memory (default 15 %).
+- weights: params x 2 bytes when the model is cast to fp16 on the IPU (16.32 and 16.16: ``model.half()``; no fp32
+  master copy on the device; averaging keeps its fp32 copies on the host), else 4;
+- optimizer state: slots x params x accumulator bytes (fp32 for 16.32/32.32, fp16 for 16.16: ``accum_type``);
+  0 when the state lives off chip (Streaming Memory); divided by replicas with replicated tensor sharding;
+- gradients: params x weight bytes, plus a gradient accumulator (accumulator bytes) when accumulating;
+- activations of one micro-batch priced at the compute dtype, times the copies in flight: PopART stashes a stage's
+  activations in a buffer of ``2 (S - k) - 1`` entries next to the live tensor the forward wrote (stash and restore
+  in place: graphcore/popart sdk/poplar/3.4.0 willow/src/transforms/pipeline.cpp:72-79, the stash size
+  `getStashSize` :1477-1481 = `numIndependentStages` :2314-2321 between the forward and backward pipeline stages), so
+  stage k < S-1 holds ``2 (S - k)`` copies and the last stage (forward and backward in one pipeline stage, no stash)
+  holds one. Recomputation as the plan states it:
+  ``none`` all saved tensors; ``pipeline`` stages before the last stash only their input (and manual checkpoint
+  outputs) and rebuild one micro-batch's segment in the backward, the last stage keeps everything (pipeline.cpp
+  setRecomputation :776-869, setFinalFwdStageRecomputation :1123-1274); ``recompute_all`` / ``checkpoints`` on one
+  IPU keep the model input and the checkpoint outputs and rebuild the largest segment (recompute.cpp:163-181 with
+  explicitRecomputation); ``standard`` applies PopART's own checkpoint choice to the profiled op list
+  (recompute.cpp:64-150, intervals.cpp:10-43: the forward ops are cut into decreasing intervals, the smallest live set
+  of each interval is kept, and every op past the intervals is kept);
+- temporary memory (gradients of activations, conv/matmul partials): 3 x the largest block-boundary tensor of one
+  micro-batch, capped at available_memory_proportion x IPU memory;
+- a fixed overhead for code, exchange buffers, control and host-I/O streams: ``overhead_fraction`` x IPU memory.
 
-The budget is 900 MB (9e8 bytes) per IPU: Graphcore's rounded figure (1472 tiles x 624 KiB = 940.6e6 bytes,
-less what the runtime keeps). These are planning estimates; ``read_popvision`` reads real figures from a
-PopVision report when libpva is available.
+The budget is 900 MB (9e8 bytes) per IPU: Graphcore's rounded figure (1472 tiles x 624 KiB = 940.6e6 bytes, less
+what the runtime keeps). These are planning estimates; ``read_popvision`` reads real figures from a PopVision report
+when libpva is available. Splits are chosen with the project's one split algorithm (`ipu_norm.core.splitter`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ipu_norm.memory.measure import ActivationProfile, BlockScaling
+import torch
+
+from ipu_norm.core.plan import ExecutionPlan, LossScaling, PrecisionSpec, StageSpec, make_stages
+from ipu_norm.core.splitter import split_stages
+from ipu_norm.memory.measure import ActivationProfile, BlockScaling, OpScaling
 
 IPU_MEMORY_BYTES = 900 * 10**6
 DEFAULT_OVERHEAD_FRACTION = 0.15
-DEFAULT_AMP = 0.6
 TEMP_BOUNDARY_FACTOR = 3
 IPU_COUNTS = (1, 2, 4, 8)
 
-# precision -> (compute bytes, state/accumulator bytes, fp32 master copy of the weights)
-PRECISIONS: dict[str, tuple[int, int, bool]] = {
-    "32.32": (4, 4, False),
-    "16.32": (2, 4, True),
-    "16.16": (2, 2, False),
-}
 OPTIMIZER_SLOTS: dict[str, int] = {
     "sgd": 0,
     "sgd_momentum": 1,
-    "momentum": 1,
     "nesterov": 1,
     "rmsprop": 1,
     "rmsprop_momentum": 2,
@@ -64,7 +65,6 @@ OPTIMIZER_SLOTS: dict[str, int] = {
     "adamw": 2,
     "lamb": 2,
 }
-RECOMPUTE_MODES = ("none", "checkpoints", "stage")
 
 
 class MemoryBudgetError(RuntimeError):
@@ -75,6 +75,41 @@ class MemoryBudgetError(RuntimeError):
         self.estimate = estimate
 
 
+@dataclass(frozen=True)
+class MemorySpec:
+    """What the estimate needs beyond the plan: optimizer state slots and the device budget."""
+
+    optimizer: str = "sgd_momentum"  # a key of OPTIMIZER_SLOTS (see `optimizer_kind`)
+    ipu_memory_bytes: int = IPU_MEMORY_BYTES
+    overhead_fraction: float = DEFAULT_OVERHEAD_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZER_SLOTS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {sorted(OPTIMIZER_SLOTS)}")
+
+
+def optimizer_kind(name: str, momentum: float = 0.0, centered: bool = False) -> str:
+    """The state layout of the config's optimizer (``optim.name``/``momentum``): a key of OPTIMIZER_SLOTS."""
+    key = str(name).lower()
+    if key == "sgd":
+        return "sgd_momentum" if momentum else "sgd"
+    if key in ("rmsprop", "rmsprop_tf"):
+        return "rmsprop_centered" if centered else "rmsprop_momentum" if momentum else "rmsprop"
+    if key in ("adamw", "adam", "lamb"):
+        return "adamw" if key != "lamb" else "lamb"
+    raise ValueError(f"optimizer {name!r} has no IPU memory model; expected sgd, rmsprop, adamw or lamb")
+
+
+def spec_from_config(cfg: Any, **overrides: Any) -> MemorySpec:
+    """`MemorySpec` of the app's Config (its ``optim`` section; the default spec without one), with overrides."""
+    optim = getattr(cfg, "optim", None)
+    kw: dict[str, Any] = {}
+    if optim is not None:
+        kw["optimizer"] = optimizer_kind(optim.name, optim.momentum or 0.0)
+    kw.update(overrides)
+    return MemorySpec(**kw)
+
+
 def _human(n: float) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.2f} GB"
@@ -83,204 +118,79 @@ def _human(n: float) -> str:
     return f"{n / 1e3:.0f} kB"
 
 
-@dataclass
-class IPUPlan:
-    """The memory-relevant part of an execution plan (see ``from_any`` for what it reads from other objects).
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
-    splits: block indices (into the profile's block list: stem, blocks.0.., head) where stages 1..S-1
-    start; None lets the planner choose (the memory-balanced split).
+
+def precision_bytes(plan: ExecutionPlan) -> tuple[int, int, int]:
+    """(weight/gradient bytes, activation bytes, optimizer state / accumulator bytes) per element for the plan."""
+    p: PrecisionSpec = plan.precision
+    act = _dtype_bytes(p.compute_dtype)
+    weight = 2 if plan.weights_half else 4
+    return weight, act, _dtype_bytes(p.accum_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What-if plans: the same ExecutionPlan with other splits / micro-batch / recomputation.
+
+
+def with_splits(plan: ExecutionPlan, splits: Sequence[str | int], **changes: Any) -> ExecutionPlan:
+    """A copy of `plan` whose stages start at `splits` (unit names or indices into ``plan.unit_names``).
+
+    The recomputation follows what PopTorch would run for the new layout: a single-IPU mode (standard /
+    recompute_all) on a pipelined copy becomes 'pipeline', and 'pipeline' on one stage becomes 'standard'.
+    Gradient accumulation is raised to PopTorch's minimum 2N - 1 for N pipelined training stages.
     """
-
-    micro_batch_size: int
-    num_stages: int = 1
-    splits: list[int] | None = None
-    replicas: int = 1
-    gradient_accumulation: int = 1
-    precision: str = "16.32"
-    optimizer: str = "sgd_momentum"
-    optimizer_on_chip: bool = True
-    replicated_tensor_sharding: bool = False
-    recompute: str = "none"
-    checkpoints: list[str] | None = None  # units whose outputs are kept ('blocks.3'); None = every block
-    available_memory_proportion: float | Sequence[float] = DEFAULT_AMP
-    ipu_memory_bytes: int = IPU_MEMORY_BYTES
-    overhead_fraction: float = DEFAULT_OVERHEAD_FRACTION
-
-    def __post_init__(self) -> None:
-        self.precision = str(self.precision)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} not in {sorted(PRECISIONS)}")
-        self.optimizer = _canonical_optimizer(self.optimizer)
-        self.recompute = _canonical_recompute(self.recompute)
-        if self.micro_batch_size < 1 or self.num_stages < 1:
-            raise ValueError("micro_batch_size and num_stages must be >= 1")
-
-    def amp(self, stage: int) -> float:
-        a = self.available_memory_proportion
-        if isinstance(a, (int, float)):
-            return float(a)
-        return float(list(a)[min(stage, len(a) - 1)])
-
-    @classmethod
-    def from_any(cls, obj: Any, config: Any = None, **overrides: Any) -> IPUPlan:
-        """Build from an IPUPlan, an ExecutionPlan-like object, or a (nested) config dict.
-
-        Looks (attributes or keys, top level or under execution/ipu/optimizer/train/model sections) for:
-        micro_batch_size | micro_batch, stages (list of block-name groups or split points) | num_stages |
-        pipeline_splits | splits, replicas | replication_factor, gradient_accumulation | accumulation,
-        precision, optimizer (name or {name|type: ...}) | optimizer_name, optimizer_on_chip |
-        optimizer_state_offchip, replicated_tensor_sharding, recompute | recompute_mode,
-        available_memory_proportion | amp. `config` (e.g. the trainer's Config, whose optim/data sections an
-        ExecutionPlan lacks) is searched after `obj`.
-        """
-        if isinstance(obj, IPUPlan):
-            return replace(obj, **overrides)
-        get = _finder(obj, config)
-        kw: dict[str, Any] = {}
-        mb = get("micro_batch_size", "micro_batch", "micro-batch-size")
-        if mb is not None:
-            kw["micro_batch_size"] = int(mb)
-        stages = get("stages", "pipeline_stages")
-        splits = get("pipeline_splits", "splits", "split_points")
-        if isinstance(stages, int):
-            kw["num_stages"] = stages
-        elif stages:
-            kw["num_stages"] = len(stages)
-            kw["splits"] = _stages_to_split_names(stages)
-        elif splits:
-            kw["num_stages"] = len(splits) + 1
-            kw["splits"] = list(splits)
-        n = get("num_stages", "pipeline_depth", "ipus_per_replica")
-        if n is not None and "num_stages" not in kw:
-            kw["num_stages"] = int(n)
-        for key, names, conv in (
-            ("replicas", ("replicas", "replication_factor", "replica"), int),
-            ("gradient_accumulation", ("gradient_accumulation", "accumulation", "gradient_accumulation_steps"), int),
-            ("precision", ("precision",), _precision_name),
-            ("replicated_tensor_sharding", ("replicated_tensor_sharding", "rts"), bool),
-            ("available_memory_proportion", ("available_memory_proportion", "amp"), None),
-        ):
-            v = get(*names)
-            if v is not None:
-                kw[key] = conv(v) if conv else v
-        opt = _optimizer_name(get("optimizer", "optim", "optimizer_name", "opt"))
-        if opt:
-            kw["optimizer"] = opt
-        on = get("optimizer_on_chip", "optimizer_state_on_chip")
-        off = get("optimizer_state_offchip", "optimizer_off_chip", "offchip_optimizer_state")
-        if on is not None:
-            kw["optimizer_on_chip"] = bool(on)
-        elif off is not None:
-            kw["optimizer_on_chip"] = not bool(off)
-        rc = get("recompute", "recompute_mode", "recomputation")
-        if rc is not None:
-            kw["recompute"] = rc
-        cps = get("recompute_checkpoints")
-        if cps:
-            kw["checkpoints"] = [str(c) for c in cps]
-        kw.update(overrides)
-        if "micro_batch_size" not in kw:
-            raise ValueError("the plan/config names no micro_batch_size")
-        return cls(**kw)
+    units = plan.unit_names
+    idx = [s if isinstance(s, int) else units.index(str(s)) for s in splits]
+    if idx != sorted(set(idx)) or (idx and (idx[0] <= 0 or idx[-1] >= len(units))):
+        raise ValueError(f"pipeline splits {list(splits)} must be increasing unit indices in 1..{len(units) - 1}")
+    stages = make_stages(units, idx)
+    new = dataclasses.replace(plan, stages=stages, **changes)
+    if new.pipelined and new.recompute in ("standard", "recompute_all"):
+        new.recompute = "pipeline"
+    elif not new.pipelined and new.recompute == "pipeline":
+        new.recompute = "standard"
+    if new.training:
+        new.gradient_accumulation = max(new.gradient_accumulation, min_accumulation(len(stages)))
+    return new
 
 
-def _precision_name(p: Any) -> str:
-    """'16.32' from a string, a YAML float (16.16) or a PrecisionSpec-like object with .name; bf16 -> 16.32
-    (same sizes: 2-byte activations, fp32 weights/state)."""
-    p = getattr(p, "name", p)
-    key = f"{p:.2f}" if isinstance(p, float) else str(p).strip().lower()
-    return "16.32" if key == "bf16" else key
+def plan_for_profile(profile: ActivationProfile, *, micro_batch_size: int, precision: str = "16.32",
+                     num_stages: int = 1, recompute: str = "none", available_memory_proportion: float = 0.6,
+                     gradient_accumulation: int = 1, optimizer_state_offchip: bool = False) -> ExecutionPlan:
+    """An IPU `ExecutionPlan` over the profile's units, for what-if tables (``python -m ipu_norm.memory``); a run's
+    plan comes from ``ipu_norm.core.plan.build_plan``."""
+    units = profile.names
+    plan = ExecutionPlan(
+        device="ipu", micro_batch_size=micro_batch_size, replicas=1, gradient_accumulation=gradient_accumulation,
+        device_iterations=1, stages=make_stages(units, []), pipeline_schedule="gpipe", recompute=recompute,
+        recompute_checkpoints=[], available_memory_proportion=[available_memory_proportion] * num_stages,
+        precision=PrecisionSpec.parse(precision), stochastic_rounding=False, loss_scaling=LossScaling(False, 1.0),
+        optimizer_state_offchip=optimizer_state_offchip, replicated_tensor_sharding=False, unit_names=list(units),
+    )
+    return with_stage_count(plan, num_stages) if num_stages > 1 else plan
 
 
-def _optimizer_name(opt: Any) -> str | None:
-    """Optimizer name with its state-relevant flags, from a string, a mapping or an object (name, momentum)."""
-    if opt is None:
-        return None
-    if isinstance(opt, str):
-        return opt
-
-    def field_(k: str) -> Any:
-        return opt.get(k) if isinstance(opt, Mapping) else getattr(opt, k, None)
-
-    name = field_("name") or field_("type")
-    if name is None:
-        name = type(opt).__name__ if isinstance(opt, object) and not isinstance(opt, Mapping) else None
-    if name is None:
-        return None
-    name = str(name).lower()
-    momentum = field_("momentum")
-    if momentum is None and isinstance(opt, object) and hasattr(opt, "defaults"):  # a torch optimizer
-        momentum = opt.defaults.get("momentum")
-    if name in ("sgd", "rmsprop") and momentum:
-        return "sgd_momentum" if name == "sgd" else "rmsprop_momentum"
-    return name
+def with_stage_count(plan: ExecutionPlan, num_stages: int, **changes: Any) -> ExecutionPlan:
+    """`with_splits` with an even placeholder split over `num_stages` (estimate functions then choose the best)."""
+    n = len(plan.unit_names)
+    if num_stages > n:
+        raise ValueError(f"{num_stages} stages for {n} units")
+    return with_splits(plan, [round(k * n / num_stages) for k in range(1, num_stages)], **changes)
 
 
-def _canonical_optimizer(name: str) -> str:
-    key = str(name).lower().replace("-", "_").replace(" ", "_")
-    key = {"sgd_combined": "sgd_momentum", "sgdm": "sgd_momentum", "rmsprop_tf": "rmsprop"}.get(key, key)
-    if key not in OPTIMIZER_SLOTS:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZER_SLOTS)}")
-    return key
+def min_accumulation(num_stages: int) -> int:
+    """Smallest gradient accumulation PopTorch accepts for pipelined training over `num_stages` (2N - 1)."""
+    return 2 * num_stages - 1 if num_stages > 1 else 1
 
 
-def _canonical_recompute(rc: Any) -> str:
-    if rc in (None, False, 0):
-        return "none"
-    if rc is True:
-        return "checkpoints"
-    key = str(rc).lower()
-    if key in ("none", "off", "false", "no"):
-        return "none"
-    if key in ("checkpoints", "checkpoint", "manual", "auto", "true", "on", "pipeline_checkpoints"):
-        return "checkpoints"
-    if key in ("stage", "pipeline", "recompute_all"):
-        return "stage"
-    raise ValueError(f"unknown recompute mode {rc!r}; expected one of {RECOMPUTE_MODES}")
-
-
-def _finder(*objs: Any) -> Callable[..., Any]:
-    """A lookup of the first present name over `objs` in order: each at top level, then its common
-    sub-sections (execution, train, optim, data, ...), over attributes or mapping keys."""
-    sections = ("execution", "ipu", "pipeline", "train", "training", "optim", "optimizer", "data", "model")
-
-    def lookup(o: Any, name: str) -> Any:
-        if isinstance(o, Mapping):
-            return o.get(name, o.get(name.replace("_", "-")))
-        return getattr(o, name, None)
-
-    def get(*names: str) -> Any:
-        scopes = []
-        for obj in objs:
-            if obj is None:
-                continue
-            scopes.append(obj)
-            scopes += [s for s in (lookup(obj, sec) for sec in sections) if s is not None and not isinstance(
-                s, (str, int, float, list, tuple))]
-        for scope in scopes:
-            for n in names:
-                v = lookup(scope, n)
-                if v is not None and not callable(v):
-                    return v
-        return None
-
-    return get
-
-
-def _stages_to_split_names(stages: Sequence[Any]) -> list[Any]:
-    """Stage descriptions -> split markers: the first block of stages 1..S-1 (name, index, or an object
-    with .blocks / .modules / .start)."""
-    firsts = []
-    for st in list(stages)[1:]:
-        for attr in ("start", "first_block", "blocks", "modules", "module_names"):
-            v = st.get(attr) if isinstance(st, Mapping) else getattr(st, attr, None)
-            if v is not None:
-                st = v
-                break
-        if isinstance(st, (list, tuple)):
-            st = st[0]
-        firsts.append(st)
-    return firsts
+def in_flight(stage: int, num_stages: int) -> int:
+    """Copies of one micro-batch's stashed activations on stage `stage` of `num_stages` (module docstring):
+    the stash of ``2 (S - k) - 1`` entries plus the live tensor; the last stage (and an unpipelined model) one."""
+    if num_stages <= 1 or stage == num_stages - 1:
+        return 1
+    return 2 * (num_stages - stage)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,7 +205,6 @@ class StageEstimate:
     blocks: list[str]
     in_flight: int
     weights: float
-    master_weights: float
     optimizer_state: float
     gradients: float
     activations: float
@@ -305,10 +214,7 @@ class StageEstimate:
 
     @property
     def total(self) -> float:
-        return (
-            self.weights + self.master_weights + self.optimizer_state + self.gradients + self.activations
-            + self.temporary + self.overhead
-        )
+        return self.weights + self.optimizer_state + self.gradients + self.activations + self.temporary + self.overhead
 
     @property
     def fits(self) -> bool:
@@ -324,7 +230,8 @@ class StageEstimate:
 class PlanEstimate:
     """All stages of a plan for one profile."""
 
-    plan: IPUPlan
+    plan: ExecutionPlan
+    spec: MemorySpec
     stages: list[StageEstimate]
     splits: list[int]
     split_method: str = "given"
@@ -342,76 +249,12 @@ class PlanEstimate:
         return max(s.total for s in self.stages)
 
 
-def min_accumulation(num_stages: int) -> int:
-    """Smallest gradient accumulation PopTorch accepts for pipelined training over `num_stages` (2N - 1)."""
-    return 2 * num_stages - 1 if num_stages > 1 else 1
-
-
-def in_flight(stage: int, num_stages: int) -> int:
-    """Micro-batches whose activations stage `stage` holds: 2 (S - k) - 1 (1 without pipelining)."""
-    return 2 * (num_stages - stage) - 1
-
-
-def stage_estimate(
-    blocks: Sequence[BlockScaling], index: int, plan: IPUPlan, extra_float_per_sample: float = 0.0
-) -> StageEstimate:
-    """Estimate one stage holding `blocks` (contiguous) as stage `index` of ``plan.num_stages``."""
-    compute_b, state_b, master = PRECISIONS[plan.precision]
-    mb = plan.micro_batch_size
-    params = sum(b.param_elems for b in blocks)
-    weights = params * compute_b
-    master_w = params * 4 if master else 0
-    slots = OPTIMIZER_SLOTS[plan.optimizer]
-    opt_state = slots * params * state_b if plan.optimizer_on_chip else 0
-    if plan.replicated_tensor_sharding and plan.replicas > 1:
-        opt_state /= plan.replicas
-    accumulate = plan.gradient_accumulation > 1 or plan.num_stages > 1
-    grads = params * compute_b + (params * state_b if accumulate else 0)
-
-    n_flight = in_flight(index, plan.num_stages)
-    per_block = [b.saved_bytes(mb, compute_b) for b in blocks]
-    loss_bytes = extra_float_per_sample * mb * compute_b if index == plan.num_stages - 1 else 0.0
-    if plan.recompute == "none":
-        acts = n_flight * (sum(per_block) + loss_bytes)
-    elif plan.recompute == "checkpoints":
-        segments = _segments(blocks, plan.checkpoints)
-        # stash: the stage input plus the output of every checkpoint inside the stage (= next segment's input)
-        seg_in = [blocks[seg[0]].input_per_sample * mb * compute_b for seg in segments]
-        # The rebuilt segment's own input is already in the stash (a block's first op saves its input).
-        rebuilt = max(max(sum(per_block[i] for i in seg) - x, 0.0) for seg, x in zip(segments, seg_in))
-        acts = n_flight * sum(seg_in) + rebuilt + loss_bytes
-    else:  # "stage": stash the stage input only, rebuild the whole stage for one micro-batch
-        stash = blocks[0].input_per_sample * mb * compute_b
-        acts = n_flight * stash + max(sum(per_block) - stash, 0.0) + loss_bytes
-    boundary = max(max(b.input_per_sample, b.output_per_sample) for b in blocks) * mb * compute_b
-    temp = min(TEMP_BOUNDARY_FACTOR * boundary, plan.amp(index) * plan.ipu_memory_bytes)
-    return StageEstimate(
-        index=index,
-        blocks=[b.name for b in blocks],
-        in_flight=n_flight,
-        weights=weights,
-        master_weights=master_w,
-        optimizer_state=opt_state,
-        gradients=grads,
-        activations=acts,
-        temporary=temp,
-        overhead=plan.overhead_fraction * plan.ipu_memory_bytes,
-        budget=plan.ipu_memory_bytes,
-    )
-
-
-def _segments(blocks: Sequence[BlockScaling], checkpoints: Sequence[str] | None) -> list[list[int]]:
-    """Recomputation segments of a stage: a checkpointed unit's output starts a new segment after it.
-
-    checkpoints None = every block is a checkpoint (each block its own segment). A name inside a unit
-    ('blocks.3.conv2') counts as that unit's output being kept (conservative: the unit's rest is recomputed).
-    """
-    if checkpoints is None:
-        return [[i] for i in range(len(blocks))]
-    names = [b.name for b in blocks]
-    kept = {i for i, n in enumerate(names) for c in checkpoints if c == n or str(c).startswith(n + ".")}
-    segs, cur = [], []
-    for i in range(len(blocks)):
+def _segments(names: Sequence[str], checkpoints: Sequence[str]) -> list[list[int]]:
+    """Recomputation segments of a stage: a checkpointed unit's output ends a segment."""
+    kept = {i for i, n in enumerate(names) if n in set(checkpoints)}
+    segs: list[list[int]] = []
+    cur: list[int] = []
+    for i in range(len(names)):
         cur.append(i)
         if i in kept:
             segs.append(cur)
@@ -421,144 +264,167 @@ def _segments(blocks: Sequence[BlockScaling], checkpoints: Sequence[str] | None)
     return segs
 
 
-def _resolve_splits(profile: ActivationProfile, splits: Sequence[Any]) -> list[int]:
-    """Split markers (indices or block names such as 'blocks.4' / model attribute paths) -> block indices."""
-    names = profile.names
-    out = []
-    for s in splits:
-        if isinstance(s, int):
-            out.append(s)
-            continue
-        key = str(s)
-        if key in names:
-            out.append(names.index(key))
-            continue
-        # 'model.blocks.4' or 'blocks.4.conv1' -> the unit that contains it
-        hits = [i for i, n in enumerate(names) if key.endswith(n) or key.startswith(n + ".") or f".{n}." in key]
-        if not hits:
-            raise ValueError(f"pipeline split {s!r} names no block of the model ({names[0]}..{names[-1]})")
-        out.append(hits[0])
-    if out != sorted(set(out)) or (out and (out[0] <= 0 or out[-1] >= len(names))):
-        raise ValueError(f"pipeline splits {list(splits)} must be increasing block indices in 1..{len(names) - 1}")
+def _segmented(blocks: Sequence[BlockScaling], checkpoints: Sequence[str], mb: int, ab: int,
+               per_block: Sequence[float]) -> tuple[float, float]:
+    """(kept bytes: each segment's input, rebuilt bytes: the largest segment's saved tensors less its input)."""
+    segs = _segments([b.name for b in blocks], checkpoints)
+    seg_in = [blocks[seg[0]].input_per_sample * mb * ab for seg in segs]
+    # The rebuilt segment's own input is in the stash already (a block's first op saves its input).
+    rebuilt = max(max(sum(per_block[i] for i in seg) - x, 0.0) for seg, x in zip(segs, seg_in))
+    return sum(seg_in), rebuilt
+
+
+def decreasing_intervals(n: int) -> list[tuple[int, int]]:
+    """PopART's intervals over n forward ops for Standard recomputation (intervals.cpp:10-43 at sdk/poplar/3.4.0):
+    sizes K, K-1, .., 1 with K = floor(0.75 (floor(sqrt(2n)) - 1)), then one interval per remaining op."""
+    if n == 1:
+        return [(0, 1)]
+    k = int(int(math.sqrt(2.0 * n)) - 1)
+    k = int(k * 0.75)
+    out, i0, size = [], 0, k
+    while i0 + size <= n and size > 0:
+        out.append((i0, i0 + size))
+        i0, size = i0 + size, size - 1
+    out.extend((i, i + 1) for i in range(i0, n))
     return out
 
 
-def estimate_plan(
-    profile: ActivationProfile, plan: IPUPlan, splits: Sequence[Any] | None = None, split_method: str = "given"
-) -> PlanEstimate:
-    """Estimate every stage for a given split (block indices where stages 1..S-1 start)."""
-    if splits is None:
-        splits = plan.splits
-    if splits is None:
-        if plan.num_stages == 1:
-            splits = []
-        else:
-            return best_split(profile, plan)
-    idx = _resolve_splits(profile, splits)
-    if len(idx) != plan.num_stages - 1:
-        raise ValueError(f"{plan.num_stages} stages need {plan.num_stages - 1} splits, got {len(idx)}")
-    bounds = [0, *idx, len(profile.blocks)]
-    stages = [
-        stage_estimate(profile.blocks[bounds[k]:bounds[k + 1]], k, plan, profile.extra_float_per_sample)
-        for k in range(plan.num_stages)
-    ]
-    return PlanEstimate(plan, stages, idx, split_method)
+def standard_recompute_bytes(ops: Sequence[OpScaling], mb: int, ab: int) -> tuple[float, float, set[int]]:
+    """(kept bytes, rebuilt bytes, checkpoint op indices) of PopART's Standard recomputation over `ops`.
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Balancing stages by memory.
-
-
-def _optimal_split(profile: ActivationProfile, plan: IPUPlan) -> list[int]:
-    """Contiguous split minimising the largest stage estimate (stage-aware: in-flight count depends on k).
-
-    Exact dynamic programme over (stage, first block of the next stage); cheap for tens of blocks.
+    Checkpoints as recompute.cpp:64-150 picks them: for each interval of `decreasing_intervals`, the live set with the
+    least output memory (live set at op i: i and every earlier op whose output a later op still reads). Kept: what
+    checkpoint ops' outputs hold for the backward (their saved part, or all of it when a recomputed op reads it).
+    Rebuilt: the largest run of consecutive recomputed ops' saved tensors, live while its backward runs.
     """
-    n, s = len(profile.blocks), plan.num_stages
-    if s > n:
-        raise ValueError(f"{s} stages for {n} blocks")
-    cost_cache: dict[tuple[int, int, int], float] = {}
+    n = len(ops)
+    out_b = [o.out_elems(mb) * ab for o in ops]
+    saved_b = [o.saved_elems(mb) * ab for o in ops]
+    last_use = [-1] * n
+    for i, o in enumerate(ops):
+        for j in o.inputs:
+            last_use[j] = max(last_use[j], i)
+    # Output memory of each live set, incrementally.
+    ends_at: dict[int, list[int]] = {}
+    for j, u in enumerate(last_use):
+        ends_at.setdefault(u, []).append(j)
+    live_mem, running = [], 0.0
+    for i in range(n):
+        running += out_b[i] if last_use[i] > i else 0.0
+        for j in ends_at.get(i, []):
+            if j < i:
+                running -= out_b[j]
+        live_mem.append(running + (out_b[i] if last_use[i] <= i else 0.0))
+
+    def live_set(i: int) -> set[int]:
+        return {j for j in range(i + 1) if last_use[j] > i} | {i}
+
+    checkpoints: set[int] = set()
+    intervals = decreasing_intervals(n)
+    tail = next((a for a, b in intervals if b - a == 1 and a >= intervals[0][1]), n) if n > 1 else 0
+    for a, b in intervals:
+        if a >= tail:
+            break
+        best = min(range(a, b), key=lambda i: live_mem[i])
+        checkpoints |= live_set(best)
+    # Past the decreasing intervals every op is its own interval: each live set is kept.
+    checkpoints |= set(range(tail, n)) | {j for j in range(tail) if last_use[j] >= tail}
+    read_by_recomputed = set()
+    for i, o in enumerate(ops):
+        if i not in checkpoints:
+            read_by_recomputed.update(o.inputs)
+    kept = sum(out_b[j] if j in read_by_recomputed else saved_b[j] for j in checkpoints)
+    rebuilt, run = 0.0, 0.0
+    for i in range(n):
+        run = 0.0 if i in checkpoints else run + saved_b[i]
+        rebuilt = max(rebuilt, run)
+    return kept, rebuilt, checkpoints
+
+
+def stage_estimate(profile: ActivationProfile, start: int, end: int, index: int, plan: ExecutionPlan,
+                   spec: MemorySpec) -> StageEstimate:
+    """Estimate stage `index` of the plan holding the profile's blocks ``start..end-1``."""
+    blocks = profile.blocks[start:end]
+    weight_b, ab, state_b = precision_bytes(plan)
+    mb = plan.micro_batch_size
+    s = plan.num_stages
+    params = sum(b.param_elems for b in blocks)
+    opt_state = OPTIMIZER_SLOTS[spec.optimizer] * params * state_b if not plan.optimizer_state_offchip else 0.0
+    if plan.replicated_tensor_sharding and plan.replicas > 1:
+        opt_state /= plan.replicas
+    accumulate = plan.gradient_accumulation > 1 or s > 1
+    grads = params * weight_b + (params * state_b if accumulate else 0)
+
+    n_flight = in_flight(index, s)
+    last = index == s - 1
+    per_block = [b.saved_bytes(mb, ab) for b in blocks]
+    loss = profile.extra_float_per_sample * mb * ab + profile.extra_float_const * ab if last else 0.0
+    mode = plan.recompute if plan.training else "none"
+    ckpts = plan.recompute_checkpoints
+    if mode == "none" or (s > 1 and last and mode in ("pipeline", "checkpoints")):
+        # Nothing recomputed; on the last pipeline stage PopART keeps everything after its last checkpoint.
+        acts = n_flight * (sum(per_block) + loss)
+    elif s > 1:  # 'pipeline' / 'checkpoints' on a stage before the last: stash the segment inputs only
+        kept, rebuilt = _segmented(blocks, ckpts, mb, ab, per_block)
+        acts = n_flight * kept + rebuilt + loss
+    elif mode == "standard" and profile.ops:
+        kept, rebuilt, _ = standard_recompute_bytes(profile.ops, mb, ab)
+        # Saved tensors that no op created (the model input): always kept.
+        outside = sum(per_block) - sum(o.saved_elems(mb) * ab for o in profile.ops if o.block >= 0)
+        acts = kept + rebuilt + max(outside, 0.0)
+    else:  # 'recompute_all' / 'checkpoints' on one IPU ('standard' without an op list: block checkpoints)
+        names = [b.name for b in blocks] if mode == "standard" else ckpts
+        kept, rebuilt = _segmented(blocks, names, mb, ab, per_block)
+        acts = kept + rebuilt + loss
+    boundary = max(max(b.input_per_sample, b.output_per_sample) for b in blocks) * mb * ab
+    amp = plan.available_memory_proportion[min(index, len(plan.available_memory_proportion) - 1)]
+    temp = min(TEMP_BOUNDARY_FACTOR * boundary, amp * spec.ipu_memory_bytes)
+    return StageEstimate(
+        index=index,
+        blocks=[b.name for b in blocks],
+        in_flight=n_flight,
+        weights=params * weight_b,
+        optimizer_state=opt_state,
+        gradients=grads,
+        activations=acts,
+        temporary=temp,
+        overhead=spec.overhead_fraction * spec.ipu_memory_bytes,
+        budget=spec.ipu_memory_bytes,
+    )
+
+
+def _check_profile(profile: ActivationProfile, plan: ExecutionPlan) -> None:
+    if profile.names != list(plan.unit_names):
+        raise ValueError(f"the profile's units ({profile.names[0]}..{profile.names[-1]}, {len(profile.names)}) are not "
+                         f"the plan's ({len(plan.unit_names)}): profile the planned model")
+
+
+def estimate_plan(profile: ActivationProfile, plan: ExecutionPlan, spec: MemorySpec | None = None,
+                  split_method: str = "given") -> PlanEstimate:
+    """Estimate every stage of `plan` (its own stages) for `profile`."""
+    spec = spec or MemorySpec()
+    _check_profile(profile, plan)
+    idx = [plan.unit_names.index(st.start) for st in plan.stages[1:]]
+    bounds = [0, *idx, len(profile.blocks)]
+    stages = [stage_estimate(profile, bounds[k], bounds[k + 1], k, plan, spec) for k in range(plan.num_stages)]
+    return PlanEstimate(plan, spec, stages, idx, split_method)
+
+
+def best_split(profile: ActivationProfile, plan: ExecutionPlan, spec: MemorySpec | None = None) -> PlanEstimate:
+    """The same plan with the memory-balanced split over its number of stages (`split_stages`: exact minimax of the
+    fullest stage's estimate, stage-dependent in-flight copies included)."""
+    spec = spec or MemorySpec()
+    _check_profile(profile, plan)
+    s = plan.num_stages
+    if s == 1:
+        return estimate_plan(profile, plan, spec)
+    probe = with_stage_count(plan, s)  # the recomputation / accumulation of an s-stage plan
 
     def cost(k: int, i: int, j: int) -> float:
-        key = (k, i, j)
-        if key not in cost_cache:
-            cost_cache[key] = stage_estimate(profile.blocks[i:j], k, plan, profile.extra_float_per_sample).total
-        return cost_cache[key]
+        return stage_estimate(profile, i, j, k, probe, spec).total
 
-    inf = math.inf
-    # best[k][j]: minimal max-cost of putting blocks[0:j] on stages 0..k; arg[k][j]: start of stage k
-    best = [[inf] * (n + 1) for _ in range(s)]
-    arg = [[0] * (n + 1) for _ in range(s)]
-    for j in range(1, n + 1):
-        best[0][j] = cost(0, 0, j)
-    for k in range(1, s):
-        for j in range(k + 1, n + 1):
-            for i in range(k, j):
-                v = max(best[k - 1][i], cost(k, i, j))
-                if v < best[k][j]:
-                    best[k][j], arg[k][j] = v, i
-    splits, j = [], n
-    for k in range(s - 1, 0, -1):
-        i = arg[k][j]
-        splits.append(i)
-        j = i
-    return sorted(splits)
-
-
-def _splitter_split(profile: ActivationProfile, plan: IPUPlan) -> list[int] | None:
-    """The project splitter's answer (ipu_norm.ipu.splitter.auto_split) on per-block memory costs, if present."""
-    try:
-        from ipu_norm.ipu.splitter import auto_split  # noqa: PLC0415 - optional: written in parallel
-    except Exception:  # noqa: BLE001 - absent or broken: the planner's own split is used
-        return None
-    # A block's cost as if it sat on the middle stage: the splitter balances stage-independent costs.
-    mid = replace(plan, num_stages=1)
-    costs = [stage_estimate([b], 0, mid).total - mid.overhead_fraction * mid.ipu_memory_bytes for b in profile.blocks]
-    try:
-        res = auto_split(costs, plan.num_stages)
-    except Exception:  # noqa: BLE001
-        return None
-    return _coerce_split(res, len(costs), plan.num_stages)
-
-
-def _coerce_split(res: Any, n: int, s: int) -> list[int] | None:
-    """Accept the shapes a splitter may return: cut indices, boundaries [0,..,n], groups, or stage per block."""
-    for attr in ("splits", "boundaries", "stages"):
-        if hasattr(res, attr):
-            res = getattr(res, attr)
-            break
-    try:
-        res = list(res)
-    except TypeError:
-        return None
-    if len(res) == s and all(isinstance(g, (list, tuple, range)) for g in res):
-        sizes = [len(g) for g in res]
-        cuts, acc = [], 0
-        for z in sizes[:-1]:
-            acc += z
-            cuts.append(acc)
-        return cuts if sum(sizes) == n else None
-    if all(isinstance(v, int) for v in res):
-        if len(res) == n:  # stage id per block
-            return [i for i in range(1, n) if res[i] != res[i - 1]] if len(set(res)) == s else None
-        if len(res) == s + 1 and res[0] == 0 and res[-1] == n:
-            return list(res[1:-1])
-        if len(res) == s - 1:
-            return list(res)
-    return None
-
-
-def best_split(profile: ActivationProfile, plan: IPUPlan) -> PlanEstimate:
-    """Memory-balanced split: the splitter's (if it exists) or the exact minimax split, whichever is lower."""
-    cands = []
-    sp = _splitter_split(profile, plan)
-    if sp is not None:
-        try:
-            cands.append(estimate_plan(profile, plan, sp, "ipu.splitter.auto_split"))
-        except ValueError:
-            pass
-    cands.append(estimate_plan(profile, plan, _optimal_split(profile, plan), "memory minimax"))
-    return min(cands, key=lambda e: e.max_total)
+    splits = split_stages(len(profile.blocks), s, cost)
+    return estimate_plan(profile, with_splits(plan, splits), spec, "memory minimax")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -570,7 +436,7 @@ class FitResult:
     micro_batch: int
     num_ipus: int
     estimate: PlanEstimate  # without recomputation
-    estimate_recompute: PlanEstimate  # with recompute='checkpoints'
+    estimate_recompute: PlanEstimate  # with recomputation (PopTorch's default mode for the layout)
 
     @property
     def status(self) -> str:
@@ -581,42 +447,41 @@ class FitResult:
         return "no"
 
 
-def plan_fits(
-    profile: ActivationProfile,
-    micro_batches: Sequence[int],
-    base: IPUPlan | None = None,
-    ipu_counts: Sequence[int] = IPU_COUNTS,
-) -> list[FitResult]:
-    """For each micro-batch and IPU count (one pipeline of that many stages), the best split's estimate."""
-    base = base or IPUPlan(micro_batch_size=1)
+def default_recompute(num_stages: int) -> str:
+    """The recomputation PopTorch runs for `num_stages` when it is on: Pipeline when pipelined, else Standard."""
+    return "pipeline" if num_stages > 1 else "standard"
+
+
+def plan_fits(profile: ActivationProfile, micro_batches: Sequence[int], base: ExecutionPlan,
+              spec: MemorySpec | None = None, ipu_counts: Sequence[int] = IPU_COUNTS) -> list[FitResult]:
+    """For each micro-batch and IPU count (one pipeline of that many stages), the best split's estimate, without and
+    with recomputation."""
     out = []
     for mb in micro_batches:
         for n in ipu_counts:
             if n > len(profile.blocks):
                 continue
-            p = replace(base, micro_batch_size=mb, num_stages=n, splits=None, recompute="none",
-                        gradient_accumulation=max(base.gradient_accumulation, min_accumulation(n)))
-            e = estimate_plan(profile, p) if n > 1 else estimate_plan(profile, p, [])
-            prc = replace(p, recompute="checkpoints")
-            erc = estimate_plan(profile, prc) if n > 1 else estimate_plan(profile, prc, [])
-            out.append(FitResult(mb, n, e, erc))
+            p = with_stage_count(base, n, micro_batch_size=mb, recompute="none", recompute_checkpoints=[])
+            prc = with_stage_count(base, n, micro_batch_size=mb, recompute=default_recompute(n),
+                                   recompute_checkpoints=[])
+            out.append(FitResult(mb, n, best_split(profile, p, spec), best_split(profile, prc, spec)))
     return out
 
 
-def max_micro_batch(profile: ActivationProfile, base: IPUPlan, num_ipus: int, limit: int = 4096) -> int:
+def max_micro_batch(profile: ActivationProfile, base: ExecutionPlan, num_ipus: int, spec: MemorySpec | None = None,
+                    limit: int = 4096, keep_split: bool = False) -> int:
     """Largest micro-batch that fits on `num_ipus` stages with `base`'s other settings (0 if none does).
 
-    Memory grows with the micro-batch, so the answer is found by doubling then bisection.
+    ``keep_split``: keep `base`'s split (it must have `num_ipus` stages); else the memory-balanced split is chosen
+    for every micro-batch. Memory grows with the micro-batch, so the answer is found by doubling then bisection.
     """
-
-    # A split given for this many stages is kept (it is what the trainer will run); otherwise the
-    # memory-balanced split is chosen for every micro-batch.
-    keep = base.splits is not None and base.num_stages == num_ipus
+    if keep_split and base.num_stages != num_ipus:
+        raise ValueError("keep_split needs a plan with num_ipus stages")
+    shaped = base if keep_split else with_stage_count(base, num_ipus)
 
     def fits(mb: int) -> bool:
-        p = replace(base, micro_batch_size=mb, num_stages=num_ipus, splits=base.splits if keep else None,
-                    gradient_accumulation=max(base.gradient_accumulation, min_accumulation(num_ipus)))
-        return (estimate_plan(profile, p) if num_ipus > 1 or keep else estimate_plan(profile, p, [])).fits
+        p = dataclasses.replace(shaped, micro_batch_size=mb)
+        return (estimate_plan(profile, p, spec) if keep_split else best_split(profile, p, spec)).fits
 
     if num_ipus > len(profile.blocks) or not fits(1):
         return 0
@@ -630,36 +495,38 @@ def max_micro_batch(profile: ActivationProfile, base: IPUPlan, num_ipus: int, li
     return lo
 
 
-def assumptions_text(plan: IPUPlan) -> str:
+def assumptions_text(plan: ExecutionPlan, spec: MemorySpec | None = None) -> str:
     """The assumptions behind the estimate, for printing next to its tables."""
-    compute_b, state_b, master = PRECISIONS[plan.precision]
-    overhead = _human(plan.overhead_fraction * plan.ipu_memory_bytes)
+    spec = spec or MemorySpec()
+    weight_b, ab, state_b = precision_bytes(plan)
+    overhead = _human(spec.overhead_fraction * spec.ipu_memory_bytes)
     return "\n".join([
-        f"IPU budget {_human(plan.ipu_memory_bytes)} per Mk2 IPU; fixed overhead (code, exchange buffers, "
-        f"control, host streams) = {plan.overhead_fraction:.0%} of it ({overhead}).",
-        f"precision {plan.precision}: {compute_b}-byte weights/activations/gradients"
-        + (", + fp32 master weights" if master else "")
-        + f", {state_b}-byte optimizer state and gradient accumulators.",
-        f"optimizer {plan.optimizer}: {OPTIMIZER_SLOTS[plan.optimizer]} state slot(s) per parameter, "
-        + ("on chip" if plan.optimizer_on_chip else "off chip (Streaming Memory: not counted)") + ".",
-        "pipeline: stage k of S holds 2(S-k)-1 micro-batches of activations in flight; stages balanced by "
-        "memory (exact minimax over contiguous splits of stem, blocks.*, head; ipu.splitter considered if present).",
-        "recompute 'checkpoints': in-flight micro-batches keep the stage input and every checkpoint output "
-        "(default: every block's); one micro-batch's largest segment between checkpoints is rebuilt in backward "
-        "(its saved tensors less its input, already stashed).",
+        f"IPU budget {_human(spec.ipu_memory_bytes)} per Mk2 IPU; fixed overhead (code, exchange buffers, "
+        f"control, host streams) = {spec.overhead_fraction:.0%} of it ({overhead}).",
+        f"precision {plan.precision.name}: {weight_b}-byte weights/gradients (model.half() on the IPU: no fp32 master "
+        f"copy), {ab}-byte activations, {state_b}-byte optimizer state and gradient accumulators.",
+        f"optimizer {spec.optimizer}: {OPTIMIZER_SLOTS[spec.optimizer]} state slot(s) per parameter, "
+        + ("off chip (Streaming Memory: not counted)" if plan.optimizer_state_offchip else "on chip") + ".",
+        "pipeline: stage k < S-1 of S holds 2(S-k) copies of a micro-batch's stashed activations (PopART's stash of "
+        "2(S-k)-1 plus the live tensor), the last stage one; stages balanced by memory (exact minimax, "
+        "ipu_norm.core.splitter).",
+        "recomputation as PopTorch runs it: Pipeline when pipelined (stage input stashed, one micro-batch rebuilt; the "
+        "last stage keeps everything), Standard on one IPU (PopART's own checkpoints on the profiled op list).",
         f"temporary memory = {TEMP_BOUNDARY_FACTOR} x largest block-boundary tensor of one micro-batch, capped at "
-        f"available_memory_proportion ({plan.available_memory_proportion}) x IPU memory.",
-        "activations = measured saved-for-backward tensors per block (CPU, fp32, dedup by storage) re-priced at "
-        "the compute dtype.",
+        f"available_memory_proportion x IPU memory.",
+        "activations = measured saved-for-backward tensors per block on the plain ops PopTorch traces (CPU, fp32, "
+        "dedup by storage) re-priced at the compute dtype.",
     ])
 
 
 def format_plan_error(est: PlanEstimate, suggestions: Sequence[str]) -> str:
+    """One line: the fullest stage, its parts and what would make the plan fit."""
     w = est.worst
     parts = (
-        f"weights {_human(w.weights + w.master_weights)}, optimizer {_human(w.optimizer_state)}, "
-        f"grads {_human(w.gradients)}, activations {_human(w.activations)} ({w.in_flight} micro-batches in "
-        f"flight), temporary {_human(w.temporary)}, overhead {_human(w.overhead)}"
+        f"weights {_human(w.weights)}, optimizer {_human(w.optimizer_state)}, "
+        f"grads {_human(w.gradients)}, activations {_human(w.activations)} ({w.in_flight} micro-batch cop"
+        f"{'y' if w.in_flight == 1 else 'ies'} in flight, recompute {est.plan.recompute}), temporary "
+        f"{_human(w.temporary)}, overhead {_human(w.overhead)}"
     )
     msg = f"{w.label} needs ~{_human(w.total)} > {_human(w.budget)} budget [{parts}]"
     if suggestions:
@@ -667,36 +534,34 @@ def format_plan_error(est: PlanEstimate, suggestions: Sequence[str]) -> str:
     return msg
 
 
-def suggest(profile: ActivationProfile, plan: IPUPlan) -> list[str]:
+def suggest(profile: ActivationProfile, plan: ExecutionPlan, spec: MemorySpec | None = None) -> list[str]:
     """Concrete changes that would make `plan` fit (each checked with the same estimate)."""
+    spec = spec or MemorySpec()
     out = []
-    mb = max_micro_batch(profile, plan, plan.num_stages)
+    mb = max_micro_batch(profile, plan, plan.num_stages, spec, keep_split=True)
     if 0 < mb < plan.micro_batch_size:
         out.append(f"micro_batch_size <= {mb}")
-    if plan.splits is not None and plan.num_stages > 1:
-        bal = best_split(profile, replace(plan, splits=None))
-        if bal.fits:
+    if plan.num_stages > 1:
+        bal = best_split(profile, plan, spec)
+        if bal.fits and bal.splits != estimate_plan(profile, plan, spec).splits:
             names = ", ".join(profile.names[i] for i in bal.splits)
             out.append(f"pipeline_splits [{names}] (memory-balanced)")
     for n in (2, 4, 8, 16):
-        if n > plan.num_stages and n <= len(profile.blocks):
-            # PopTorch's pipelined training needs gradient accumulation >= 2N - 1 for N stages
-            acc = max(plan.gradient_accumulation, min_accumulation(n))
-            p = replace(plan, num_stages=n, splits=None, gradient_accumulation=acc)
-            if estimate_plan(profile, p).fits:
+        if plan.num_stages < n <= len(profile.blocks):
+            p = with_stage_count(plan, n)
+            if best_split(profile, p, spec).fits:
                 out.append(f"{n} pipeline stages (gradient_accumulation >= {2 * n - 1})")
                 break
     if plan.recompute == "none":
-        p = replace(plan, recompute="checkpoints")
-        if estimate_plan(profile, p).fits:
-            out.append("execution.recompute: checkpoints")
-    if plan.optimizer_on_chip and OPTIMIZER_SLOTS[plan.optimizer]:
-        p = replace(plan, optimizer_on_chip=False)
-        if estimate_plan(profile, p).fits:
+        mode = default_recompute(plan.num_stages)
+        if estimate_plan(profile, dataclasses.replace(plan, recompute=mode), spec).fits:
+            out.append(f"execution.recompute: {mode}")
+    if not plan.optimizer_state_offchip and OPTIMIZER_SLOTS[spec.optimizer]:
+        if estimate_plan(profile, dataclasses.replace(plan, optimizer_state_offchip=True), spec).fits:
             out.append("optimizer state off chip")
-    if plan.precision == "32.32":
-        p = replace(plan, precision="16.32")
-        if estimate_plan(profile, p).fits:
+    if plan.precision.name == "32.32":
+        p = dataclasses.replace(plan, precision=PrecisionSpec.parse("16.32"))
+        if estimate_plan(profile, p, spec).fits:
             out.append("precision 16.32")
     if not out:
         out.append("a smaller model or resolution (no single change found that fits)")
@@ -707,86 +572,74 @@ def suggest(profile: ActivationProfile, plan: IPUPlan) -> list[str]:
 # The trainer's pre-compile check.
 
 
-_PROFILE_CACHE: dict[tuple, ActivationProfile] = {}
+def profile_model(model: Any, resolution: int) -> ActivationProfile:
+    """A model's per-block activation profile at `resolution`, measured as PopTorch will trace it: the plain ATen ops,
+    CPU, fp32, micro-batches 1 and 2, with the forward's op list.
 
-
-def profile_model(model: Any, resolution: int, *, cache: bool = True) -> ActivationProfile:
-    """Measure a model's per-block activation profile at `resolution` (CPU, fp32, mb 1 and 2; cached).
-
-    The model is deep-copied to CPU float32 so the caller's model (possibly already on a device or in half)
-    is not touched.
+    The model is deep-copied to CPU float32 so the caller's model (possibly already on a device or in half) is not
+    touched. Nothing is cached: a profile is a value the caller keeps (ResNet-50 at 224 px: a few seconds).
     """
     import copy
 
-    import torch
-
     from ipu_norm.memory.measure import fit_activation_scaling
 
-    key = (id(model), resolution)
-    if cache and key in _PROFILE_CACHE:
-        return _PROFILE_CACHE[key]
     m = copy.deepcopy(model).float().cpu()
     with torch.random.fork_rng():
-        prof = fit_activation_scaling(m, resolution, fit_sizes=(1, 2), verify_sizes=())
-    if cache:
-        _PROFILE_CACHE[key] = prof
-    return prof
+        return fit_activation_scaling(m, resolution, fit_sizes=(1, 2), verify_sizes=(), plain_ops=True,
+                                      record_ops=True)
 
 
 def check_fits_ipu(
     model: Any,
-    plan_or_config: Any,
+    plan: ExecutionPlan,
     *,
     config: Any = None,
+    spec: MemorySpec | None = None,
     resolution: int | None = None,
     profile: ActivationProfile | None = None,
-    **overrides: Any,
 ) -> PlanEstimate:
     """Raise MemoryBudgetError if the plan's stages would not fit in IPU memory; return the estimate if they do.
 
     Call it before compiling (poptorch.trainingModel / .compile) or allocating anything on the device.
-    `plan_or_config`: an IPUPlan, an ipu.plan.ExecutionPlan, the app's Config or a config dict (see
-    IPUPlan.from_any); `config`: searched after it for what an ExecutionPlan lacks (optim.name/momentum,
-    data.train_size); `resolution`: training image side (default: the config's data.train_size, else
-    model.default_cfg['train_size'], else 224); `overrides`: IPUPlan fields (e.g. optimizer='rmsprop').
-    Measuring the profile runs two forward passes on CPU (ResNet-50 at 224 px: a few seconds).
+    `config`: the app's Config, for what the plan does not hold (``optim`` -> `spec_from_config`, ``data.train_size``
+    -> the resolution); `spec` overrides the config's; `resolution`: training image side (default: the config's
+    data.train_size, else model.default_cfg['train_size'], else 224).
     """
-    plan = IPUPlan.from_any(plan_or_config, config, **overrides)
-    profile = profile or _resolve_profile(model, plan_or_config, config, resolution)
-    est = estimate_plan(profile, plan)
+    if spec is None:
+        spec = spec_from_config(config) if config is not None else MemorySpec()
+    if profile is None:
+        if resolution is None:
+            size = getattr(getattr(config, "data", None), "train_size", None) if config is not None else None
+            cfg = getattr(model, "default_cfg", None) or {}
+            resolution = int(size) if size else int(cfg.get("train_size", 224))
+        profile = profile_model(model, resolution)
+    est = estimate_plan(profile, plan, spec)
     if not est.fits:
-        raise MemoryBudgetError(format_plan_error(est, suggest(profile, plan)), est)
+        raise MemoryBudgetError(format_plan_error(est, suggest(profile, plan, spec)), est)
     return est
 
 
-def _resolve_profile(model: Any, plan_or_config: Any, config: Any, resolution: int | None) -> ActivationProfile:
-    if resolution is None:
-        res = _finder(plan_or_config, config)("resolution", "image_size", "train_size", "input_size")
-        cfg = getattr(model, "default_cfg", None) or {}
-        resolution = int(res) if isinstance(res, (int, float)) else int(cfg.get("train_size", 224))
-    return profile_model(model, resolution)
+def unit_memory_costs(profile: ActivationProfile, plan: ExecutionPlan, spec: MemorySpec | None = None) -> list[float]:
+    """Per-unit bytes (stem, blocks.*, head) for one micro-batch as if alone on one IPU, overhead excluded: a cost
+    vector for ``ipu_norm.core.splitter.plan_pipeline(cost=...)``. Stage-dependent in-flight copies are not in it; for
+    splits that account for them use `memory_balanced_splits`."""
+    spec = spec or MemorySpec()
+    one = with_splits(plan, [], recompute="none")
+    return [stage_estimate(profile, i, i + 1, 0, one, spec).total - spec.overhead_fraction * spec.ipu_memory_bytes
+            for i in range(len(profile.blocks))]
 
 
-def unit_memory_costs(profile: ActivationProfile, plan: IPUPlan) -> list[float]:
-    """Per-unit bytes (stem, blocks.*, head) for one micro-batch in flight, overhead excluded: a cost vector for
-    ``ipu.splitter.plan_pipeline(cost=...)``. Stage-dependent in-flight counts are not in it; for splits that
-    account for them use ``memory_balanced_splits``."""
-    one = replace(plan, num_stages=1, splits=[])
-    return [stage_estimate([b], 0, one).total - one.overhead_fraction * one.ipu_memory_bytes for b in profile.blocks]
-
-
-def memory_balanced_splits(
-    model: Any, plan_or_config: Any, num_stages: int | None = None, *, config: Any = None,
-    resolution: int | None = None, profile: ActivationProfile | None = None, **overrides: Any,
-) -> list[str]:
+def memory_balanced_splits(model: Any, plan: ExecutionPlan, num_stages: int | None = None, *,
+                           spec: MemorySpec | None = None, resolution: int | None = None,
+                           profile: ActivationProfile | None = None) -> list[str]:
     """``pipeline_splits`` names (e.g. ['blocks.4', 'blocks.11']) minimising the fullest IPU's estimate."""
-    if num_stages is not None:
-        overrides["num_stages"] = num_stages
-    plan = replace(IPUPlan.from_any(plan_or_config, config, **overrides), splits=None)
-    profile = profile or _resolve_profile(model, plan_or_config, config, resolution)
-    if plan.num_stages == 1:
+    n = num_stages or plan.num_stages
+    if n == 1:
         return []
-    est = best_split(profile, plan)
+    if profile is None:
+        cfg = getattr(model, "default_cfg", None) or {}
+        profile = profile_model(model, resolution or int(cfg.get("train_size", 224)))
+    est = best_split(profile, with_stage_count(plan, n), spec)
     return [profile.names[i] for i in est.splits]
 
 
@@ -817,8 +670,10 @@ def read_popvision(directory: str) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "IPU_COUNTS", "IPU_MEMORY_BYTES", "IPUPlan", "MemoryBudgetError", "OPTIMIZER_SLOTS", "PRECISIONS",
-    "PlanEstimate", "StageEstimate", "FitResult", "assumptions_text", "best_split",
-    "check_fits_ipu", "estimate_plan", "in_flight", "max_micro_batch", "min_accumulation", "memory_balanced_splits",
-    "plan_fits", "profile_model", "read_popvision", "stage_estimate", "suggest", "unit_memory_costs",
+    "IPU_COUNTS", "IPU_MEMORY_BYTES", "MemoryBudgetError", "MemorySpec", "OPTIMIZER_SLOTS", "PlanEstimate",
+    "StageEstimate", "FitResult", "StageSpec", "assumptions_text", "best_split", "check_fits_ipu",
+    "decreasing_intervals", "default_recompute", "estimate_plan", "in_flight", "max_micro_batch", "min_accumulation",
+    "memory_balanced_splits", "optimizer_kind", "plan_fits", "plan_for_profile", "precision_bytes", "profile_model",
+    "read_popvision", "spec_from_config", "stage_estimate", "standard_recompute_bytes", "suggest", "unit_memory_costs",
+    "with_splits", "with_stage_count",
 ]

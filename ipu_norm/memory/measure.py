@@ -20,6 +20,12 @@ What is measured, and how:
   checkpoint's own saved inputs pass through the hooks): only block inputs are saved during forward;
   during backward one block at a time is recomputed.
 
+- **forward ops** (for PopART's Standard recomputation, which picks checkpoints among ops): every ATen op of the
+  forward in order, with the float elements of the new storages it creates, which earlier ops it reads, and how much
+  of its output autograd saves (a ``TorchDispatchMode`` beside the saved-tensor hooks).
+- **plain ops**: with ``plain_ops=True`` the layers run the plain ATen ops PopTorch traces for the IPU
+  (``ipu_norm.ops.proxy_stats.plain_ops``), not CPU-only fused kernels; the IPU estimate profiles that way.
+
 Activations are affine in the micro-batch (per-sample tensors grow linearly; BN's saved per-channel
 statistics and PN's per-channel scale/shift do not). ``fit_activation_scaling`` measures two
 micro-batch sizes, fits ``a + b * mb`` per block, and ``verify`` checks the fit against a third size.
@@ -27,6 +33,7 @@ micro-batch sizes, fits ``a + b * mb`` per block, and ``verify`` checks the fit 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import weakref
@@ -124,6 +131,16 @@ class BlockRecord:
 
 
 @dataclass
+class OpRecord:
+    """One forward ATen op: where it ran, what it created, what it read, what of it autograd saved."""
+
+    block: int  # index into the unit list; -1 = outside every unit (the loss)
+    out_elems: int  # float elements of the new storages it created (views and in-place results create none)
+    inputs: tuple[int, ...]  # indices of the earlier ops whose outputs it reads
+    saved_elems: int = 0  # of out_elems, the elements autograd saved for backward
+
+
+@dataclass
 class ActivationMeasurement:
     """Saved-for-backward memory per block for one forward pass at a given micro-batch and resolution."""
 
@@ -133,6 +150,7 @@ class ActivationMeasurement:
     recompute: bool = False
     extra_float_elems: int = 0  # saved outside any block (the loss)
     wall_s: float = 0.0
+    ops: list[OpRecord] = field(default_factory=list)
 
     def total_bytes(self, float_bytes: int = 4) -> int:
         return sum(b.saved_bytes(float_bytes) for b in self.blocks) + self.extra_float_elems * float_bytes
@@ -167,6 +185,43 @@ def _checkpointed_blocks(units: list[tuple[str, nn.Module]]) -> Iterator[None]:
             del mod.forward
 
 
+class _OpRecorder(TorchDispatchMode):
+    """Records the forward's ATen ops (see `OpRecord`); `current` is the measuring pass's unit stack."""
+
+    def __init__(self, current: list[int]) -> None:
+        super().__init__()
+        self.current = current
+        self.ops: list[OpRecord] = []
+        self.producer: dict[int, int] = {}  # live storage -> index of the op that created it
+
+    def _forget(self, key: int) -> None:
+        self.producer.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        idx = len(self.ops)
+        inputs = set()
+        for leaf in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                p = self.producer.get(_storage_key(leaf))
+                if p is not None:
+                    inputs.add(p)
+        created = []
+        for leaf in tree_flatten(out)[0]:
+            if not isinstance(leaf, torch.Tensor) or leaf.device.type == "meta" or not leaf.is_floating_point():
+                continue
+            st = leaf.untyped_storage()
+            key = st._cdata
+            if key in self.producer:
+                continue  # a view or an in-place result: no new memory
+            self.producer[key] = idx
+            # A freed storage's address may be reused: forget it when it dies.
+            weakref.finalize(st, self._forget, key)
+            created.append(st.nbytes() // leaf.element_size())
+        self.ops.append(OpRecord(self.current[-1], sum(created), tuple(sorted(inputs))))
+        return out
+
+
 def _loss(out: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     if out.dim() == 2 and target is not None:
         return F.cross_entropy(out, target)
@@ -182,12 +237,18 @@ def measure_activations(
     in_chans: int = 3,
     device: str | torch.device = "cpu",
     input_shape: tuple[int, ...] | None = None,
+    plain_ops: bool = False,
+    record_ops: bool = False,
 ) -> ActivationMeasurement:
     """Bytes of the tensors saved for backward during one training-mode forward pass, per block.
 
     Only the forward is run (the saved tensors are all known once it ends), which is what makes
     measuring ResNet-50 at 224 px cheap on a CPU. ``input_shape`` overrides (C, H, W) for non-image toys.
+    ``plain_ops``: run the layers' plain-op path (what PopTorch traces); ``record_ops``: also record the forward's
+    ATen ops (`OpRecord`).
     """
+    from ipu_norm.ops.proxy_stats import plain_ops as plain_ops_context
+
     model.train()
     units = model_blocks(model)
     records = [BlockRecord(name) for name, _ in units]
@@ -197,6 +258,7 @@ def measure_activations(
     seen: set[int] = set()
     current: list[int] = [-1]  # stack of unit indices; -1 = outside every unit
     extra = [0]
+    recorder = _OpRecorder(current) if record_ops else None
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
@@ -207,6 +269,8 @@ def measure_activations(
         idx = current[-1]
         if t.is_floating_point():
             elems = nbytes // t.element_size()
+            if recorder is not None and key in recorder.producer:
+                recorder.ops[recorder.producer[key]].saved_elems += elems
             if idx < 0:
                 extra[0] += elems
             else:
@@ -237,7 +301,12 @@ def measure_activations(
     x = torch.randn(micro_batch, *shape, device=device)
     t0 = time.perf_counter()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with contextlib.ExitStack() as stack:
+            if plain_ops:
+                stack.enter_context(plain_ops_context())
+            if recorder is not None:
+                stack.enter_context(recorder)
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             if recompute:
                 x.requires_grad_(True)  # else the reentrant checkpoint cuts the graph at the first block
                 with _checkpointed_blocks(_recomputable(units)):
@@ -246,12 +315,13 @@ def measure_activations(
                 out = model(x)
             target = torch.zeros(micro_batch, dtype=torch.long, device=device) if out.dim() == 2 else None
             loss = _loss(out, target)
+        ops = recorder.ops if recorder is not None else []
         del loss, out
     finally:
         for h in handles:
             h.remove()
     return ActivationMeasurement(
-        micro_batch, resolution, records, recompute, extra[0], wall_s=time.perf_counter() - t0
+        micro_batch, resolution, records, recompute, extra[0], wall_s=time.perf_counter() - t0, ops=ops
     )
 
 
@@ -479,6 +549,24 @@ class BlockScaling:
         )
 
 
+@dataclass(frozen=True)
+class OpScaling:
+    """One forward op of the profile: elements created and saved, affine in the micro-batch (see `OpRecord`)."""
+
+    block: int
+    out_per_sample: float
+    out_const: float
+    saved_per_sample: float
+    saved_const: float
+    inputs: tuple[int, ...]
+
+    def out_elems(self, micro_batch: int) -> float:
+        return self.out_const + self.out_per_sample * micro_batch
+
+    def saved_elems(self, micro_batch: int) -> float:
+        return self.saved_const + self.saved_per_sample * micro_batch
+
+
 @dataclass
 class ActivationProfile:
     """What the IPU estimate needs about a model: per-block activation scaling at one resolution."""
@@ -487,6 +575,8 @@ class ActivationProfile:
     blocks: list[BlockScaling]
     extra_float_per_sample: float = 0.0  # saved outside every block (the loss)
     extra_float_const: float = 0.0
+    ops: list[OpScaling] = field(default_factory=list)  # forward ops in order (empty: not recorded)
+    plain_ops: bool = False  # measured on the plain ops PopTorch traces
     measured_at: tuple[int, ...] = ()
     verified_at: tuple[int, ...] = ()
     max_rel_error: float | None = None  # of the fit at the verification sizes
@@ -522,7 +612,14 @@ def profile_from_measurements(a: ActivationMeasurement, b: ActivationMeasurement
             )
         )
     extra_slope, extra_const = _fit(a.extra_float_elems, b.extra_float_elems, m1, m2)
-    return ActivationProfile(a.resolution, blocks, extra_slope, extra_const, measured_at=(m1, m2))
+    ops = []
+    same_graph = len(a.ops) == len(b.ops) and all(
+        (x.block, x.inputs) == (y.block, y.inputs) for x, y in zip(a.ops, b.ops))
+    if same_graph:
+        for x, y in zip(a.ops, b.ops):
+            ops.append(OpScaling(x.block, *_fit(x.out_elems, y.out_elems, m1, m2),
+                                 *_fit(x.saved_elems, y.saved_elems, m1, m2), x.inputs))
+    return ActivationProfile(a.resolution, blocks, extra_slope, extra_const, measured_at=(m1, m2), ops=ops)
 
 
 def fit_activation_scaling(
@@ -533,15 +630,25 @@ def fit_activation_scaling(
     verify_sizes: tuple[int, ...] = (4,),
     device: str | torch.device = "cpu",
     input_shape: tuple[int, ...] | None = None,
+    plain_ops: bool = False,
+    record_ops: bool = False,
 ) -> ActivationProfile:
-    """Measure two micro-batch sizes, fit per-block scaling, and check it against the verify sizes."""
+    """Measure two micro-batch sizes, fit per-block scaling, and check it against the verify sizes.
+
+    ``plain_ops``: measure the plain ops PopTorch traces (the IPU estimate's profile); ``record_ops``: keep the
+    forward's op list (needed to price PopART's Standard recomputation).
+    """
     ms = [
-        measure_activations(model, mb, resolution, device=device, input_shape=input_shape) for mb in fit_sizes
+        measure_activations(model, mb, resolution, device=device, input_shape=input_shape, plain_ops=plain_ops,
+                            record_ops=record_ops)
+        for mb in fit_sizes
     ]
     prof = profile_from_measurements(ms[0], ms[1])
+    prof.plain_ops = plain_ops
     errs = []
     for mb in verify_sizes:
-        got = measure_activations(model, mb, resolution, device=device, input_shape=input_shape).total_bytes()
+        got = measure_activations(model, mb, resolution, device=device, input_shape=input_shape,
+                                  plain_ops=plain_ops).total_bytes()
         pred = prof.total_bytes(mb)
         errs.append(abs(pred - got) / max(got, 1))
     prof.verified_at = tuple(verify_sizes)

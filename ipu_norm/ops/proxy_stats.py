@@ -32,9 +32,11 @@ output computed in the same pass), so the first-order backward is O(C) instead o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -412,12 +414,42 @@ _proxy_stats_backward_op.register_autograd(_backward_backward, setup_context=_se
 
 def running_on_ipu() -> bool:
     """True while PopTorch traces the model for the IPU; never imports poptorch itself."""
-    if torch.compiler.is_compiling():
+    from ipu_norm.compat import is_compiling
+
+    if is_compiling():
         # torch.compile (dynamo) never runs under PopTorch; also keeps this branch out of the graph.
         return False
     poptorch = sys.modules.get("poptorch")
     # If poptorch was never imported nothing can be tracing for the IPU.
     return poptorch is not None and bool(poptorch.isRunningOnIpu())
+
+
+# Set (per thread / task) by `plain_ops()`: the layers take the path PopTorch traces.
+_PLAIN_OPS: contextvars.ContextVar[bool] = contextvars.ContextVar("ipu_norm_plain_ops", default=False)
+
+
+@contextlib.contextmanager
+def plain_ops() -> Iterator[None]:
+    """Within this context the layers run the plain ATen ops that PopTorch traces for the IPU (no CPU fused kernels,
+    no memory-lean custom autograd functions, no batched proxy statistics), on any device.
+
+    The IPU memory estimate profiles the model this way (ipu_norm/memory/measure.py): what autograd saves for the
+    plain ops is what PopART's backward needs. A context variable, so it is scoped to the caller's thread / task.
+    """
+    token = _PLAIN_OPS.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_OPS.reset(token)
+
+
+def uses_plain_ops() -> bool:
+    """True when the layers must take the plain-op path: PopTorch is tracing, or inside `plain_ops()`."""
+    from ipu_norm.compat import is_compiling
+
+    if is_compiling():
+        return False
+    return _PLAIN_OPS.get() or running_on_ipu()
 
 
 def proxy_stats(

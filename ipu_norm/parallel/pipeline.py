@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ipu_norm.ipu.plan import ExecutionPlan
+from ipu_norm.core.plan import ExecutionPlan
 from ipu_norm.parallel.stages import build_stage_module
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ipu_norm.ipu.plan import ExecutionPlan
+from ipu_norm.core.plan import ExecutionPlan
 from ipu_norm.layers.proxy_norm import prepare_proxy_stats
 
 

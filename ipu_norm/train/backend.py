@@ -1,125 +1,30 @@
-"""The device-specific part of training behind one small interface, and its CPU/CUDA implementation.
+"""The CPU / CUDA backend (`TorchBackend`), registered as "cpu" and "cuda" in the backend registry.
 
-The trainer (``trainer.py``) is device independent: it builds the model, optimizer, schedule and data,
-then hands every optimizer step to a ``Backend``:
-
-- ``prepare(model, optimizer, plan, spec)`` once: move/wrap the model (DDP, torch.compile, PopTorch ...).
-  ``plan`` is the ``ipu_norm.ipu.plan.ExecutionPlan`` (batch arithmetic, precision, stages ...);
-  ``spec`` (``TrainSpec``) carries the loss and the Adaptive Gradient Clipping setting.
-- ``train_step(micro_batches) -> StepResult`` for ONE optimizer step: ``micro_batches`` is the list of
-  ``(images, targets)`` this process contributes to the step (``plan.gradient_accumulation`` of them,
-  ``plan.micro_batch_size`` samples each; targets are class indices or soft targets). A backend that
-  feeds the device whole steps (PopTorch) may ``torch.cat`` them.
-- ``eval_step(images, model=None) -> logits`` (``model`` defaults to the trained model; the trainer passes
-  the EMA copy to evaluate it).
-- ``sync_to_host()``: make the host ``nn.Module`` hold the current weights (no-op on CPU/CUDA; PopTorch
-  copies weights from the IPU). The trainer calls it before EMA updates, evaluation and checkpoints.
-- ``lr_changed()``: the optimizer's learning rates were changed by the schedule (PopTorch must push them
-  to the device with ``setOptimizer``; no-op on CPU/CUDA).
-- ``state_dict()`` / ``load_state_dict()``: backend state that must survive a resume (the GradScaler).
-- ``close()``: release the device.
-
-``device: ipu`` is served by the IPU package: ``ipu_norm.ipu.backend.create_backend(cfg, dist) -> Backend``
-(it may run several optimizer steps per ``train_step``: it exposes ``micro_batches_per_step`` and the
-trainer passes that many micro-batches, accumulation x local replicas x device iterations). ``get_backend``
-fails at start with a clear message when that package or Graphcore's Poplar SDK (poptorch) is missing.
+The interface (`Backend`, `StepResult`, `TrainSpec`) and the registry (`get_backend`, `register_backend`,
+`resolve_device`) live in ``ipu_norm/core/backend.py``; they are re-exported here for the trainer and the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ipu_norm.core.backend import (
+    Backend,
+    MicroBatch,
+    StepResult,
+    TrainSpec,
+    get_backend,
+    register_backend,
+    resolve_device,
+)
 from ipu_norm.train.distributed import DistInfo
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclasses.dataclass
-class StepResult:
-    """Outcome of one optimizer step on this process."""
-
-    loss: float  # mean training loss over this process's micro-batches of the step
-    samples: int  # samples this process consumed in the step
-    skipped: bool = False  # the update was skipped (inf/nan gradients: GradScaler overflow, or fp32/bf16 guard)
-
-
-@dataclasses.dataclass
-class TrainSpec:
-    """What a backend needs beyond model/optimizer/plan to run a training step."""
-
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    agc_clip: float | None = None  # Adaptive Gradient Clipping factor; None = off
-    agc_eps: float = 1e-3
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """Runs training/evaluation steps of one model on one kind of device (see module docstring)."""
-
-    name: str
-    device: torch.device
-
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Any, spec: TrainSpec) -> None: ...
-
-    def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult: ...
-
-    def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor: ...
-
-    def sync_to_host(self) -> None: ...
-
-    def lr_changed(self) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-IPU_MISSING_HELP = (
-    "execution.device='ipu' needs Graphcore's Poplar SDK: install it and the poptorch wheel it ships into this "
-    "environment (poptorch is not on PyPI) and enable the SDK (source <sdk>/enable). To train without IPUs use "
-    "--device cpu or --device cuda (torchrun --nproc_per_node=N run_train.py ... for several GPUs)."
-)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'ipu' when poptorch imports, else 'cuda' when available, else 'cpu'; others unchanged."""
-    if device != "auto":
-        return device
-    with contextlib.suppress(ImportError):
-        import poptorch  # noqa: F401
-
-        return "ipu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def get_backend(cfg: Any, dist: DistInfo) -> Backend:
-    """The backend for ``cfg.execution.device`` (already resolved, not 'auto')."""
-    device = cfg.execution.device
-    if device == "ipu":
-        try:
-            import poptorch  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError(f"poptorch is not importable ({exc}). {IPU_MISSING_HELP}") from None
-        try:
-            from ipu_norm.ipu.backend import create_backend as create
-        except ImportError as exc:
-            raise RuntimeError(
-                f"the IPU backend (ipu_norm.ipu.backend) failed to import ({exc}). {IPU_MISSING_HELP}"
-            ) from exc
-        return create(cfg, dist)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("execution.device='cuda' but torch.cuda.is_available() is False; use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown execution.device {device!r}")
-    return TorchBackend(device, dist)
+__all__ = ["Backend", "MicroBatch", "StepResult", "TorchBackend", "TrainSpec", "get_backend", "resolve_device"]
 
 
 class TorchBackend:
@@ -293,3 +198,15 @@ def _amp_settings(precision: str, device_type: str) -> tuple[torch.dtype | None,
             f"execution.precision={precision!r} (fp16) needs a CUDA GPU or an IPU; on CPU use '32.32' or 'bf16'"
         )
     raise ValueError(f"unknown execution.precision {precision!r}")
+
+
+def _create_torch_backend(cfg: Any, dist: DistInfo) -> TorchBackend:
+    """Registry factory for "cpu" and "cuda"."""
+    device = cfg.execution.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("execution.device='cuda' but torch.cuda.is_available() is False; use --device cpu")
+    return TorchBackend(device, dist)
+
+
+register_backend("cpu", _create_torch_backend)
+register_backend("cuda", _create_torch_backend)

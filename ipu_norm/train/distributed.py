@@ -56,7 +56,7 @@ def _poprun_instance() -> DistInfo:
     (``enabled`` stays False): the instance index and count only shard the data and pick the writing process.
     Metrics are each instance's own (instance 0 logs and checkpoints).
     """
-    from ipu_norm.ipu.poptorch_adapter import popdist_rank_and_size, under_poprun
+    from ipu_norm.core.launch import popdist_rank_and_size, under_poprun
 
     if not under_poprun():
         return DistInfo()

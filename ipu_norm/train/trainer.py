@@ -104,8 +104,8 @@ class Trainer:
         backend: Backend | None = None,
         model_hook: Callable[[nn.Module], None] | None = None,
     ) -> None:
+        from ipu_norm.core.plan import build_plan
         from ipu_norm.data import MixupCutmix, ResumableSampler, build_dataset, build_loader, mix_seed
-        from ipu_norm.ipu.plan import build_plan
 
         self.cfg = cfg = dataclasses.replace(cfg)  # shallow copy: the device/precision may be resolved below
         cfg.execution = dataclasses.replace(cfg.execution, device=resolve_device(cfg.execution.device))
