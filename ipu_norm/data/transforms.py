@@ -1,8 +1,22 @@
-"""Standard image transforms (torchvision / timm ImageNet conventions) and the digits variant."""
+"""Standard image transforms (torchvision / timm ImageNet conventions) and the digits variant, in two forms.
+
+- ``build_*_transform``: torchvision's reference pipelines on PIL images, normalised float32 out (the reference
+  the benchmark ``python -m ipu_norm.bench.data`` and the tests compare against; usable on any dataset).
+- ``build_*_transform_u8``: the same augmentations on uint8 tensors, drawing from an explicit per-sample
+  ``torch.Generator`` and decoding only the crop of a JPEG (:mod:`ipu_norm.data.decode`); normalisation is left
+  to the device (:func:`ipu_norm.data.device.normalize_uint8`). The datasets of :func:`build_dataset` use these.
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torchvision import transforms as T
+
+from ipu_norm.compat import resize_uint8
+
+from .decode import EncodedImage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,3 +81,169 @@ def build_digits_eval_transform(test_size: int) -> T.Compose:
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# uint8 pipeline: the same augmentations on (3, H, W) uint8 tensors, decoding only the crop (ipu_norm.data.decode).
+# Normalisation (ToTensor + Normalize above) happens on the device: ipu_norm.data.device.normalize_uint8.
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop, torchvision's ``RandomResizedCrop.get_params`` algorithm.
+
+    Up to 10 tries of an area fraction uniform in ``scale`` and an aspect ratio log-uniform in ``ratio``; a box
+    that fits is placed uniformly. Otherwise the centred crop of the whole image with the ratio clamped to
+    ``ratio``. The draws come from ``generator`` (torchvision's use the global RNG).
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomResizedCropFlipU8:
+    """Training transform on uint8: RandomResizedCrop(size) + horizontal flip, decoding only the crop.
+
+    Same parameters and distribution as torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` (scale
+    (0.08, 1), ratio (3/4, 4/3), antialiased bilinear, flip probability 0.5); the draws come from the
+    per-sample generator. With ``dct_scale`` a JPEG crop larger than the output is decoded DCT-downscaled by the
+    smallest M/8 that keeps it at least the output's size (:func:`ipu_norm.data.decode.dct_scale_for`), then
+    resized (antialiased) as without: same box, slightly different pixels, much less decoding for small outputs.
+
+    Call with an :class:`~ipu_norm.data.decode.EncodedImage` and a ``torch.Generator``; returns ``(3, size, size)``
+    uint8.
+    """
+
+    encoded_input = True  # called with (EncodedImage, generator): see SafeImageFolder
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        flip_p: float = 0.5,
+        *,
+        dct_scale: bool = True,
+    ) -> None:
+        self.size = (int(size), int(size))
+        self.scale, self.ratio, self.flip_p, self.dct_scale = tuple(scale), tuple(ratio), float(flip_p), dct_scale
+
+    def __call__(self, image: EncodedImage, generator: torch.Generator) -> torch.Tensor:
+        top, left, h, w = random_resized_crop_box(*image.size, self.scale, self.ratio, generator)
+        flip = float(torch.rand((), generator=generator)) < self.flip_p
+        out = resize_uint8(image.region(top, left, h, w, self.size if self.dct_scale else None), list(self.size))
+        return out.flip(-1) if flip else out
+
+
+class ResizeCenterCropU8:
+    """Evaluation transform on uint8: ``Resize(resize_size)`` (short side) + ``CenterCrop(size)``, crop-first.
+
+    The source box that torchvision's resize-then-crop keeps is computed (same integer sizes and offsets), rounded
+    to whole source pixels, decoded alone and resized to ``size``. Pixel-close to torchvision's result, not equal:
+    the box may be off by up to half a source pixel, which shifts edges (on the benchmark's photos: mean absolute
+    difference ~0.9 of 255 levels, 99th percentile ~14; tests/test_data_pipeline.py asserts the bounds).
+    ``dct_scale`` as in :class:`RandomResizedCropFlipU8`; off by default here: it did not pay for validation's
+    moderate downscaling and tripled the difference to torchvision.
+    """
+
+    encoded_input = True  # called with (EncodedImage, generator): see SafeImageFolder
+
+    def __init__(self, size: int, resize_size: int, *, dct_scale: bool = False) -> None:
+        if resize_size < size:
+            raise ValueError(
+                f"resize size {resize_size} < crop size {size} (crop_pct > 1 would pad; not supported on uint8)"
+            )
+        self.size = (int(size), int(size))
+        self.resize_size, self.dct_scale = int(resize_size), dct_scale
+
+    def source_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)`` in the source image of what Resize + CenterCrop keep."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        crop_h, crop_w = self.size
+        boxes = []
+        for n_src, n_new, n_crop in ((height, new_h, crop_h), (width, new_w, crop_w)):
+            s = n_src / n_new
+            start = int(round((n_new - n_crop) / 2.0)) * s
+            lo, hi = int(round(start)), int(round(start + n_crop * s))
+            boxes.append((max(lo, 0), max(min(hi, n_src) - max(lo, 0), 1)))
+        (top, h), (left, w) = boxes
+        return top, left, h, w
+
+    def __call__(self, image: EncodedImage, generator: torch.Generator | None = None) -> torch.Tensor:  # noqa: ARG002
+        box = self.source_box(*image.size)
+        return resize_uint8(image.region(*box, self.size if self.dct_scale else None), list(self.size))
+
+
+class ResizeRandomCropU8:
+    """Digits training transform on uint8: ``Resize(size)`` + ``RandomCrop(size, padding)`` with zero padding.
+
+    The offsets are uniform in ``[0, 2 * padding]`` per axis like torchvision's RandomCrop after padding; zero
+    padding in uint8 equals torchvision's (0 before ToTensor).
+    """
+
+    encoded_input = True  # called with (EncodedImage, generator): see SafeImageFolder
+
+    def __init__(self, size: int, padding: int) -> None:
+        self.size, self.padding = (int(size), int(size)), int(padding)
+
+    def __call__(self, image: EncodedImage, generator: torch.Generator) -> torch.Tensor:
+        h, w = image.size
+        new = _short_side_size(h, w, self.size[0])
+        x = resize_uint8(image.region(0, 0, h, w), list(new))
+        p = self.padding
+        x = torch.nn.functional.pad(x, (p, p, p, p))
+        th, tw = self.size
+        top = int(torch.randint(0, x.shape[-2] - th + 1, (), generator=generator))
+        left = int(torch.randint(0, x.shape[-1] - tw + 1, (), generator=generator))
+        return x[:, top : top + th, left : left + tw]
+
+
+def _short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(int)`` output size: the short side becomes ``size``, the long one is truncated."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def build_train_transform_u8(image_size: int) -> RandomResizedCropFlipU8:
+    """uint8 counterpart of :func:`build_train_transform` (normalisation left to the device)."""
+    return RandomResizedCropFlipU8(image_size)
+
+
+def build_eval_transform_u8(test_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> ResizeCenterCropU8:
+    """uint8 counterpart of :func:`build_eval_transform`."""
+    return ResizeCenterCropU8(test_size, int(test_size / crop_pct))
+
+
+def build_digits_train_transform_u8(image_size: int) -> ResizeRandomCropU8:
+    """uint8 counterpart of :func:`build_digits_train_transform`."""
+    return ResizeRandomCropU8(image_size, padding=max(1, image_size // 8))
+
+
+def build_digits_eval_transform_u8(test_size: int) -> ResizeCenterCropU8:
+    """uint8 counterpart of :func:`build_digits_eval_transform`."""
+    return ResizeCenterCropU8(test_size, test_size)

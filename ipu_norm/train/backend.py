@@ -19,6 +19,10 @@ then hands every optimizer step to a ``Backend``:
 - ``state_dict()`` / ``load_state_dict()``: backend state that must survive a resume (the GradScaler).
 - ``close()``: release the device.
 
+Images reach ``train_step`` / ``eval_step`` already on ``device`` and normalised to float32 (image folders load
+uint8 batches; the trainer's ``ipu_norm.data.DeviceInput`` normalises them there). A backend whose device takes
+the uint8 images and normalises them itself (8-bit input) sets ``accepts_uint8 = True``.
+
 ``device: ipu`` is served by the IPU package: ``ipu_norm.ipu.backend.create_backend(cfg, dist) -> Backend``
 (it may run several optimizer steps per ``train_step``: it exposes ``micro_batches_per_step`` and the
 trainer passes that many micro-batches, accumulation x local replicas x device iterations). ``get_backend``
