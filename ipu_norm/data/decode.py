@@ -41,14 +41,21 @@ class ImageDecodeError(OSError):
 
 
 def _build(out: Path) -> None:
+    """Compile the helper into ``out`` and record beside it (``.libjpeg``) the libjpeg its header belongs to."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found")
+    found = subprocess.run([cc, "-print-file-name=libjpeg.so"], check=True, capture_output=True, text=True)
+    libjpeg = os.path.realpath(found.stdout.strip())
+    if not os.path.isabs(found.stdout.strip()) or not os.path.exists(libjpeg):
+        raise RuntimeError("the C compiler finds no libjpeg.so")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        lib = Path(tmp) / out.name
-        subprocess.run([cc, *_CFLAGS, str(_SRC), "-o", str(lib), "-ljpeg"], check=True, capture_output=True)
-        os.replace(lib, out)  # atomic: concurrent builders (loader workers, DDP ranks) never load a partial file
+        lib, side = Path(tmp) / out.name, Path(tmp) / (out.name + ".libjpeg")
+        subprocess.run([cc, *_CFLAGS, str(_SRC), "-o", str(lib), "-ldl"], check=True, capture_output=True)
+        side.write_text(libjpeg)
+        os.replace(side, out.with_name(out.name + ".libjpeg"))
+        os.replace(lib, out)  # atomic, and last: concurrent builders never load a partial file or miss the path
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,6 +70,11 @@ def _lib() -> ctypes.CDLL | None:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
+        lib.jpeg_region_init.argtypes = [ctypes.c_char_p]
+        libjpeg = path.with_name(path.name + ".libjpeg").read_text()
+        rc = lib.jpeg_region_init(libjpeg.encode())
+        if rc != 0:
+            raise RuntimeError(f"{libjpeg} " + ("cannot be loaded" if rc == 1 else "is not libjpeg-turbo >= 1.5"))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr.decode(errors="replace").strip().splitlines()[-1:] if hasattr(exc, "stderr") else []
         warnings.warn(

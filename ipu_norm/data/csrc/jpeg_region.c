@@ -8,7 +8,12 @@
  *
  * Errors never exit the process: libjpeg's error_exit longjmps back and the function returns non-zero with the
  * message in `msg`. Warnings (e.g. "premature end of data segment") are ignored, as Pillow and torchvision do.
+ *
+ * libjpeg is not linked: jpeg_region_init() dlopens the library whose header this file was compiled against, by
+ * path, privately (RTLD_LOCAL | RTLD_DEEPBIND), and calls it through the table J. Linking -ljpeg would bind to
+ * whichever "libjpeg.so.62" the process loaded first: torchvision 0.15 bundles one without jpeg_skip_scanlines.
  */
+#include <dlfcn.h>
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -37,28 +42,66 @@ static void region_error_exit(j_common_ptr cinfo) {
 
 static void region_output_message(j_common_ptr cinfo) { (void)cinfo; }
 
+static struct {
+    struct jpeg_error_mgr *(*std_error)(struct jpeg_error_mgr *);
+    void (*create_decompress)(j_decompress_ptr, int, size_t);
+    void (*mem_src)(j_decompress_ptr, const unsigned char *, unsigned long);
+    int (*read_header)(j_decompress_ptr, boolean);
+    boolean (*start_decompress)(j_decompress_ptr);
+    void (*crop_scanline)(j_decompress_ptr, JDIMENSION *, JDIMENSION *);
+    JDIMENSION (*skip_scanlines)(j_decompress_ptr, JDIMENSION);
+    JDIMENSION (*read_scanlines)(j_decompress_ptr, JSAMPARRAY, JDIMENSION);
+    void (*abort_decompress)(j_decompress_ptr);
+    void (*destroy_decompress)(j_decompress_ptr);
+} J;
+
+/* Load libjpeg(-turbo) from `path` and look up the functions used here. Returns 0 on success, 1 when the library
+ * cannot be opened, 2 when a function is missing (not libjpeg-turbo >= 1.5). Call once, before any decode. */
+int jpeg_region_init(const char *path) {
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    if (h == NULL) {
+        return 1;
+    }
+    *(void **)&J.std_error = dlsym(h, "jpeg_std_error");
+    *(void **)&J.create_decompress = dlsym(h, "jpeg_CreateDecompress");
+    *(void **)&J.mem_src = dlsym(h, "jpeg_mem_src");
+    *(void **)&J.read_header = dlsym(h, "jpeg_read_header");
+    *(void **)&J.start_decompress = dlsym(h, "jpeg_start_decompress");
+    *(void **)&J.crop_scanline = dlsym(h, "jpeg_crop_scanline");
+    *(void **)&J.skip_scanlines = dlsym(h, "jpeg_skip_scanlines");
+    *(void **)&J.read_scanlines = dlsym(h, "jpeg_read_scanlines");
+    *(void **)&J.abort_decompress = dlsym(h, "jpeg_abort_decompress");
+    *(void **)&J.destroy_decompress = dlsym(h, "jpeg_destroy_decompress");
+    if (!J.std_error || !J.create_decompress || !J.mem_src || !J.read_header || !J.start_decompress ||
+        !J.crop_scanline || !J.skip_scanlines || !J.read_scanlines || !J.abort_decompress || !J.destroy_decompress) {
+        J.std_error = NULL;
+        return 2;
+    }
+    return 0;
+}
+
 /* Image size and colour components from the header: info[0] = width, info[1] = height, info[2] = components,
  * info[3] = libjpeg's J_COLOR_SPACE of the file. Returns 0 on success. */
 int jpeg_region_info(const unsigned char *buf, unsigned long len, int *info, char *msg, int msg_len) {
     struct jpeg_decompress_struct cinfo;
     struct region_err err;
-    cinfo.err = jpeg_std_error(&err.pub);
+    cinfo.err = J.std_error(&err.pub);
     err.pub.error_exit = region_error_exit;
     err.pub.output_message = region_output_message;
     err.msg = msg;
     err.msg_len = msg_len;
     if (setjmp(err.jump)) {
-        jpeg_destroy_decompress(&cinfo);
+        J.destroy_decompress(&cinfo);
         return 1;
     }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, buf, len);
-    jpeg_read_header(&cinfo, TRUE);
+    J.create_decompress(&cinfo, JPEG_LIB_VERSION, sizeof(struct jpeg_decompress_struct));
+    J.mem_src(&cinfo, buf, len);
+    J.read_header(&cinfo, TRUE);
     info[0] = (int)cinfo.image_width;
     info[1] = (int)cinfo.image_height;
     info[2] = cinfo.num_components;
     info[3] = (int)cinfo.jpeg_color_space;
-    jpeg_destroy_decompress(&cinfo);
+    J.destroy_decompress(&cinfo);
     return 0;
 }
 
@@ -73,52 +116,52 @@ int jpeg_region_decode(const unsigned char *buf, unsigned long len, int scale_nu
     struct jpeg_decompress_struct cinfo;
     struct region_err err;
     unsigned char *volatile row = NULL;
-    cinfo.err = jpeg_std_error(&err.pub);
+    cinfo.err = J.std_error(&err.pub);
     err.pub.error_exit = region_error_exit;
     err.pub.output_message = region_output_message;
     err.msg = msg;
     err.msg_len = msg_len;
     if (setjmp(err.jump)) {
         free(row);
-        jpeg_destroy_decompress(&cinfo);
+        J.destroy_decompress(&cinfo);
         return 1;
     }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, buf, len);
-    jpeg_read_header(&cinfo, TRUE);
+    J.create_decompress(&cinfo, JPEG_LIB_VERSION, sizeof(struct jpeg_decompress_struct));
+    J.mem_src(&cinfo, buf, len);
+    J.read_header(&cinfo, TRUE);
     cinfo.out_color_space = JCS_RGB;
     cinfo.scale_num = (unsigned int)scale_num;
     cinfo.scale_denom = 8;
-    jpeg_start_decompress(&cinfo);
+    J.start_decompress(&cinfo);
     dims[0] = (int)cinfo.output_width;
     dims[1] = (int)cinfo.output_height;
     if (x0 < 0 || y0 < 0 || w < 1 || h < 1 || (JDIMENSION)(x0 + w) > cinfo.output_width ||
         (JDIMENSION)(y0 + h) > cinfo.output_height || cinfo.output_components != 3) {
-        jpeg_destroy_decompress(&cinfo);
+        J.destroy_decompress(&cinfo);
         return 2;
     }
     JDIMENSION xoff = (JDIMENSION)x0, cw = (JDIMENSION)w;
     if (cw < cinfo.output_width) {
-        jpeg_crop_scanline(&cinfo, &xoff, &cw); /* widens the window to iMCU boundaries */
+        J.crop_scanline(&cinfo, &xoff, &cw); /* widens the window to iMCU boundaries */
     }
     if (y0 > 0) {
-        jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0);
+        J.skip_scanlines(&cinfo, (JDIMENSION)y0);
     }
     size_t shift = (size_t)(x0 - (int)xoff) * 3;
     if (shift == 0 && cw == (JDIMENSION)w) {
         for (int r = 0; r < h;) {
             JSAMPROW dst = out + (size_t)r * (size_t)w * 3;
-            r += (int)jpeg_read_scanlines(&cinfo, &dst, 1);
+            r += (int)J.read_scanlines(&cinfo, &dst, 1);
         }
     } else {
         row = (unsigned char *)malloc((size_t)cw * 3);
         if (row == NULL) {
-            jpeg_destroy_decompress(&cinfo);
+            J.destroy_decompress(&cinfo);
             return 3;
         }
         for (int r = 0; r < h;) {
             JSAMPROW dst = row;
-            if (jpeg_read_scanlines(&cinfo, &dst, 1) == 1) {
+            if (J.read_scanlines(&cinfo, &dst, 1) == 1) {
                 memcpy(out + (size_t)r * (size_t)w * 3, row + shift, (size_t)w * 3);
                 r++;
             }
@@ -126,7 +169,7 @@ int jpeg_region_decode(const unsigned char *buf, unsigned long len, int scale_nu
         free(row);
         row = NULL;
     }
-    jpeg_abort_decompress(&cinfo); /* the rows below the box are never decoded */
-    jpeg_destroy_decompress(&cinfo);
+    J.abort_decompress(&cinfo); /* the rows below the box are never decoded */
+    J.destroy_decompress(&cinfo);
     return 0;
 }
