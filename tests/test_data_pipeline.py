@@ -150,13 +150,16 @@ def test_train_flip_rate_is_one_half(tmp_path: Path) -> None:
 
 
 def test_dct_scale_choice() -> None:
-    assert dct_scale_for((300, 300), (224, 224)) == 6  # 300 * 6/8 = 225 >= 224 > 300 * 5/8
+    """M/8 keeps the decoded region at least twice the output (so the resize still antialiases a 2x reduction)."""
+    assert dct_scale_for((300, 300), (112, 112)) == 6  # 300 * 6/8 = 225 >= 224 > 300 * 5/8
+    assert dct_scale_for((300, 300), (224, 224)) == 8  # ImageNet sizes: no DCT scaling
     assert dct_scale_for((100, 100), (224, 224)) == 8  # never upscale in the decoder
     assert dct_scale_for((400, 300), (16, 16)) == 1
     for box in [(333, 417), (224, 224), (1000, 250)]:
-        m = dct_scale_for(box, (224, 224))
-        assert min(box[0] * m / 8, box[1] * m / 8) >= 224 or m == 8
-        assert m == 1 or min(box[0] * (m - 1) / 8, box[1] * (m - 1) / 8) < 224
+        for out in [(16, 16), (64, 64), (100, 100)]:
+            m = dct_scale_for(box, out)
+            assert min(box[0] * m / 8 / out[0], box[1] * m / 8 / out[1]) >= 2 or m == 8
+            assert m == 1 or min(box[0] * (m - 1) / 8 / out[0], box[1] * (m - 1) / 8 / out[1]) < 2
 
 
 # ------------------------------------------------------------------------------ validation closeness
@@ -252,7 +255,7 @@ def test_region_decode_equals_whole_decode_and_fallbacks(corpus: Path, monkeypat
     expected = full[:, 17:167, 33:234]
     assert region.shape == expected.shape
     assert (region.int() - expected.int()).abs().gt(0).float().mean() < 0.01  # edge pixels of the window only
-    scaled = img.region(*box, out_hw=(40, 40))  # DCT-downscaled: smaller, never below the output size
+    scaled = img.region(*box, out_hw=(20, 20))  # DCT-downscaled: smaller, never below twice the output size
     assert 40 <= scaled.shape[1] < 150 and 40 <= scaled.shape[2] < 201
     # Without the C helper: torchvision's whole-image decode, sliced.
     monkeypatch.setattr(decode_mod, "_lib", lambda: None)

@@ -98,13 +98,15 @@ def region_decoder_available() -> bool:
 
 
 def dct_scale_for(box_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """The smallest M in 1..8 with ``box * M / 8 >= out`` in both dimensions (8: no DCT downscaling).
+    """The smallest M in 1..8 with ``box * M / 8 >= 2 * out`` in both dimensions (8: no DCT downscaling).
 
-    Decoding at M/8 never makes the region smaller than the output, so the resize that follows still only
-    shrinks (antialiased) or keeps the size.
+    The region decoded at M/8 stays at least twice the output, so the antialiased resize that follows still does
+    a 2x or larger reduction: measured on the benchmark's photos, a 1x margin sped decoding up more but moved the
+    pixels ~3x further from an all-resize result. At ImageNet sizes (crops of ~100-500 px to 224) M is 8: the
+    decode is exact; at small outputs (16-64 px) it saves much of the IDCT (1.3-1.6x faster at 16-32 px).
     """
     (bh, bw), (oh, ow) = box_hw, out_hw
-    m = max(-(-8 * oh // bh), -(-8 * ow // bw))  # ceil(8 * out / box)
+    m = max(-(-16 * oh // bh), -(-16 * ow // bw))  # ceil(8 * 2 * out / box)
     return min(max(m, 1), 8)
 
 

@@ -128,9 +128,10 @@ class RandomResizedCropFlipU8:
 
     Same parameters and distribution as torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` (scale
     (0.08, 1), ratio (3/4, 4/3), antialiased bilinear, flip probability 0.5); the draws come from the
-    per-sample generator. With ``dct_scale`` a JPEG crop larger than the output is decoded DCT-downscaled by the
-    smallest M/8 that keeps it at least the output's size (:func:`ipu_norm.data.decode.dct_scale_for`), then
-    resized (antialiased) as without: same box, slightly different pixels, much less decoding for small outputs.
+    per-sample generator. With ``dct_scale`` a JPEG crop more than twice the output is decoded DCT-downscaled by
+    the smallest M/8 that keeps it at least twice the output's size (:func:`ipu_norm.data.decode.dct_scale_for`),
+    then resized (antialiased) as without: same box, slightly different pixels (never at ImageNet's 224 px from
+    ~500 px photos, where M stays 8), less decoding for small outputs.
 
     Call with an :class:`~ipu_norm.data.decode.EncodedImage` and a ``torch.Generator``; returns ``(3, size, size)``
     uint8.
@@ -164,8 +165,8 @@ class ResizeCenterCropU8:
     to whole source pixels, decoded alone and resized to ``size``. Pixel-close to torchvision's result, not equal:
     the box may be off by up to half a source pixel, which shifts edges (on the benchmark's photos: mean absolute
     difference ~0.9 of 255 levels, 99th percentile ~14; tests/test_data_pipeline.py asserts the bounds).
-    ``dct_scale`` as in :class:`RandomResizedCropFlipU8`; off by default here: it did not pay for validation's
-    moderate downscaling and tripled the difference to torchvision.
+    ``dct_scale`` as in :class:`RandomResizedCropFlipU8`; off by default here, where closeness to torchvision is
+    the promise (it paid only at small sizes, and moved pixels by ~2 levels on average).
     """
 
     encoded_input = True  # called with (EncodedImage, generator): see SafeImageFolder
