@@ -22,7 +22,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ipu_norm.bench.data import main as bench_main
 from ipu_norm.bench.data import make_jpeg_corpus
-from ipu_norm.compat import resize_uint8
 from ipu_norm.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,6 +39,7 @@ from ipu_norm.data import (
 )
 from ipu_norm.data import decode as decode_mod
 from ipu_norm.data.decode import dct_scale_for
+from ipu_norm.data.transforms import resize_uint8
 
 # ----------------------------------------------------------------------------------------------- fixtures
 

@@ -14,8 +14,6 @@ import math
 import torch
 from torchvision import transforms as T
 
-from ipu_norm.compat import resize_uint8
-
 from .decode import EncodedImage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,6 +84,17 @@ def build_digits_eval_transform(test_size: int) -> T.Compose:
 # ------------------------------------------------------------------------------------------------------------------
 # uint8 pipeline: the same augmentations on (3, H, W) uint8 tensors, decoding only the crop (ipu_norm.data.decode).
 # Normalisation (ToTensor + Normalize above) happens on the device: ipu_norm.data.device.normalize_uint8.
+
+
+def resize_uint8(image: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Antialiased bilinear resize of a ``(C, H, W)`` uint8 tensor to ``size`` = [h, w], uint8 out.
+
+    torch's uint8 kernel (torch 2.0.1 too), within one level of Pillow's / torchvision's reference resize. Measured
+    per 300x280 -> 224 px: torch 2.14 0.7 ms (like transforms.v2), torch 2.0.1 1.4 ms, where torchvision 0.15's
+    v2 resize goes through float (4.4 ms) and v1 ``transforms.functional.resize`` on tensors is slower still.
+    """
+    return torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
 
 
 def random_resized_crop_box(
