@@ -258,9 +258,11 @@ def build_train_transform_u8(image_size: int) -> RandomResizedCropFlipU8:
     return RandomResizedCropFlipU8(image_size)
 
 
-def build_eval_transform_u8(test_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> ResizeCenterCropU8:
-    """uint8 counterpart of :func:`build_eval_transform`."""
-    return ResizeCenterCropU8(test_size, int(test_size / crop_pct))
+def build_eval_transform_u8(
+    test_size: int, crop_pct: float = DEFAULT_CROP_PCT, *, crop_first: bool = False
+) -> ResizeCenterCropU8:
+    """uint8 counterpart of :func:`build_eval_transform` (``crop_first``: see :class:`ResizeCenterCropU8`)."""
+    return ResizeCenterCropU8(test_size, int(test_size / crop_pct), crop_first=crop_first)
 
 
 def build_digits_train_transform_u8(image_size: int) -> ResizeRandomCropU8:
