@@ -358,3 +358,31 @@ def test_benchmark_prints_the_speedups(tmp_path: Path, capsys) -> None:
     assert f"{out['speedup']['train']:.2f}x (train)" in line
     assert json.loads((tmp_path / "r.json").read_text())["speedup"] == out["speedup"]
     assert all(v > 0 for v in out["per_core_img_s"].values())
+
+
+def test_digits_train_transform_is_resize_pad_and_random_crop(tmp_path: Path) -> None:
+    """ResizeRandomCropU8 = torchvision's Resize(size) + RandomCrop(size, padding) (offsets uniform in [0, 2p])."""
+    from ipu_norm.data import ResizeRandomCropU8
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "d.png")
+    pil, image = _pil_rgb(tmp_path / "d.png"), EncodedImage(tmp_path / "d.png")
+    tf = ResizeRandomCropU8(16, padding=2)
+    resized = _u8(T.Resize(16, antialias=True)(pil))
+    padded = torch.nn.functional.pad(resized, (2, 2, 2, 2))
+    offsets = []
+    for i in range(300):
+        out = tf(image, torch.Generator().manual_seed(i))
+        g = torch.Generator().manual_seed(i)
+        top, left = (int(torch.randint(0, 5, (), generator=g)) for _ in range(2))
+        assert (out.int() - padded[:, top : top + 16, left : left + 16].int()).abs().max() <= 1
+        offsets += [top, left]
+    counts = np.bincount(offsets, minlength=5)
+    assert stats.chisquare(counts).pvalue > 1e-3  # uniform over the 5 offsets, like RandomCrop's randint
+
+
+def test_decoder_build_failure_falls_back_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("IPU_NORM_EXT_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("CC", str(tmp_path / "no_such_compiler"))
+    with pytest.warns(RuntimeWarning, match="crop-aware JPEG decoder is unavailable"):
+        assert decode_mod._lib.__wrapped__() is None
