@@ -283,9 +283,10 @@ def _poison_generated(monkeypatch, bad) -> None:
 
     original = GeneratedDataset.__getitem__
 
-    def getitem(self, index):
-        image, label = original(self, index)
-        if self.split == "train" and bad(self.epoch, index):
+    def getitem(self, key):
+        image, label = original(self, key)
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # the loader passes (epoch, index)
+        if self.split == "train" and bad(epoch, index):
             image = torch.full_like(image, float("nan"))
         return image, label
 

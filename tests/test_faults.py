@@ -35,7 +35,7 @@ TRAIN_ARGS = (
     "--set", "train.keep_checkpoints=2",
 )
 TOTAL_STEPS = 16
-VOLATILE = ("time_s", "img_per_s")  # wall-clock fields: the only ones allowed to differ
+VOLATILE = ("time_s", "img_per_s", "data_wait_s", "data_wait_frac")  # wall-clock fields: may differ
 
 
 def _cmd(out: Path, *extra: str, fault: str | None = None, resume: bool = False) -> list[str]:

@@ -12,6 +12,10 @@ then hands every optimizer step to a ``Backend`` chosen by ``execution.device`` 
 - ``eval_step(images, model=None) -> logits``, ``sync_to_host()``, ``lr_changed()``, ``state_dict()`` /
   ``load_state_dict()``, ``close()``.
 
+Images reach ``train_step`` / ``eval_step`` already on the backend's device and normalised to float32 (image folders
+load uint8 batches; the trainer's ``ipu_norm.data.DeviceInput`` normalises them there). A backend whose device takes
+the uint8 images and normalises them itself (8-bit input) sets ``accepts_uint8 = True``.
+
 Registry: ``register_backend(name, factory)`` with ``factory(cfg, dist) -> Backend``. The packages that implement
 backends register themselves when imported: ``ipu_norm.train.backend`` registers "cpu" and "cuda", ``ipu_norm.ipu``
 registers "ipu". `get_backend` imports the provider module of a device name on first use (named below as data, so

@@ -23,13 +23,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from .collate import collate_into
+from .decode import EncodedImage
 from .digits import export_digits_imagefolder
 from .seeding import make_generator, mix_seed, seeded_cpu_rng
 from .transforms import (
-    build_digits_eval_transform,
-    build_digits_train_transform,
-    build_eval_transform,
-    build_train_transform,
+    build_digits_eval_transform_u8,
+    build_digits_train_transform_u8,
+    build_eval_transform_u8,
+    build_train_transform_u8,
 )
 
 _logger = logging.getLogger(__name__)
@@ -137,7 +139,11 @@ class GeneratedDataset(Dataset):
         """Record the epoch (generated samples do not depend on it; kept for a uniform interface)."""
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    # The loader may pass (epoch, index) keys (build_loader's persistent workers); samples ignore the epoch.
+    accepts_epoch_keys = True
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index = key[1] if isinstance(key, tuple) else key
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for GeneratedDataset of length {self.num_samples}")
         index %= self.num_samples
@@ -178,7 +184,9 @@ class SafeImageFolder(ImageFolder):
 
     Args:
         root: folder with one sub-folder per class.
-        transform: applied to the PIL image under a per-sample seed ``(seed, epoch, index)``.
+        transform: applied to the PIL image under a per-sample seed ``(seed, epoch, index)``; or a uint8 transform
+            (``encoded_input = True``, e.g. ``build_train_transform_u8``), called with the file's
+            :class:`~ipu_norm.data.decode.EncodedImage` and a generator seeded with ``(seed, epoch, index)``.
         target_transform: applied to the class index.
         seed: base seed of the per-sample augmentation RNG.
         verify: decode every file now and drop the unreadable ones.
@@ -257,18 +265,28 @@ class SafeImageFolder(ImageFolder):
         if not good:
             raise DatasetError(f"no readable image under {self.root}")
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    # The loader may pass (epoch, index) keys: the epoch then travels with the index, so persistent loader workers
+    # (whose copy of the dataset keeps the epoch it was forked with) still augment for the right epoch.
+    accepts_epoch_keys = True
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any]:
+        epoch, index = (int(key[0]), key[1]) if isinstance(key, tuple) else (self.epoch, key)
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for dataset of length {n}")
         index %= n
+        seed = mix_seed(self.seed, epoch, index)
+        encoded = getattr(self.transform, "encoded_input", False)
         for offset in range(n):
             i = (index + offset) % n
             if i in self._bad:
                 continue
             path, target = self.samples[i]
             try:
-                image = self.loader(path)
+                if encoded:  # uint8 transform: decodes (only the crop of) the file itself, draws from a generator
+                    image = self.transform(EncodedImage(path), make_generator(seed))
+                else:
+                    image = self.loader(path)
             except _LOAD_ERRORS as err:
                 self._record_bad(i, path, err)
                 continue
@@ -277,12 +295,22 @@ class SafeImageFolder(ImageFolder):
             raise DatasetError(f"no readable image under {self.root} ({len(self._bad)} unreadable files)")
         if i != index and self.bad_target is not None:
             target = self.bad_target
-        if self.transform is not None:
-            with seeded_cpu_rng(mix_seed(self.seed, self.epoch, index)):
+        if self.transform is not None and not encoded:
+            with seeded_cpu_rng(seed):
                 image = self.transform(image)
         if self.target_transform is not None and target != self.bad_target:
             target = self.target_transform(target)
         return image, target
+
+    def __getitems__(self, keys: list[Any]) -> Any:
+        """A whole batch (DataLoader's batched fetch): uint8 samples go straight into one preallocated tensor.
+
+        Returns a :class:`~ipu_norm.data.collate.Batch` (collated already) when the transform is a uint8 one and
+        targets are ints, else the list of samples for the loader's collate function.
+        """
+        if not getattr(self.transform, "encoded_input", False) or self.target_transform is not None:
+            return [self[k] for k in keys]
+        return collate_into((self[k] for k in keys), len(keys), (3, *self.transform.size))
 
 
 def _describe_layout_error(root: str, exc: FileNotFoundError) -> str:
@@ -349,11 +377,14 @@ def build_dataset(
       normalised, no transforms).
     - ``imagefolder``: ImageNet layout ``root/train/<class>/*`` and ``root/val/<class>/*`` read with
       :class:`SafeImageFolder`; train uses RandomResizedCrop(image_size) + flip, val uses
-      Resize(int(test_size / 0.875)) + CenterCrop(test_size); both ToTensor + ImageNet Normalize.
+      Resize(int(test_size / 0.875)) + CenterCrop(test_size), both on uint8 decoding only the crop
+      (``build_*_transform_u8``): samples are ``(3, size, size)`` uint8, to be normalised on the device
+      (:class:`ipu_norm.data.device.DeviceInput`; ToTensor + ImageNet Normalize arithmetic).
     - ``digits``: scikit-learn's real 8x8 handwritten digits exported as PNGs (at ``digits_image_size``,
       default ``image_size``) into ``root`` (or a per-user temp folder) by
       :func:`export_digits_imagefolder`, then read like ``imagefolder`` with digit transforms
-      (pad-and-random-crop, no flip; see :func:`ipu_norm.data.transforms.build_digits_train_transform`).
+      (pad-and-random-crop, no flip; see :func:`ipu_norm.data.transforms.build_digits_train_transform`), uint8
+      like ``imagefolder``.
       The stratified train/val split uses ``digits_split_seed`` (not ``seed``), so changing the training
       seed keeps the same val set.
 
@@ -402,9 +433,9 @@ def build_dataset(
                 "`data.dataset: generated` to benchmark on synthetic data."
             )
         if train:
-            transform = build_train_transform(image_size) if train_augment else build_eval_transform(image_size)
+            transform = build_train_transform_u8(image_size) if train_augment else build_eval_transform_u8(image_size)
         else:
-            transform = build_eval_transform(test_size)
+            transform = build_eval_transform_u8(test_size)
         ds = SafeImageFolder(split_dir, transform=transform, seed=seed, verify=verify, bad_target=bad_target)
         _check_classes(ds, num_classes)
         return ds
@@ -424,10 +455,10 @@ def build_dataset(
             limit_per_class=digits_limit_per_class,
         )
         if train:
-            build = build_digits_train_transform if train_augment else build_digits_eval_transform
+            build = build_digits_train_transform_u8 if train_augment else build_digits_eval_transform_u8
             transform = build(image_size)
         else:
-            transform = build_digits_eval_transform(test_size)
+            transform = build_digits_eval_transform_u8(test_size)
         ds = SafeImageFolder(
             train_dir if train else val_dir, transform=transform, seed=seed, verify=verify, bad_target=bad_target
         )

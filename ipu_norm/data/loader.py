@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .collate import collate_batch
 from .sampler import ResumableSampler
 
 
@@ -26,12 +27,37 @@ def seed_worker(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_i
     random.seed(worker_seed)
 
 
+class EpochKeySampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` keys from an index sampler that has an ``epoch`` (e.g. :class:`ResumableSampler`).
+
+    The epoch travels with every index, so a dataset that accepts such keys (``accepts_epoch_keys``) augments for
+    the right epoch even in persistent loader workers, whose copy of the dataset never sees ``set_epoch``. Other
+    attributes (``set_epoch``, ``epoch``, ``set_start_batch`` ...) are the wrapped sampler's.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sampler":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
 class EpochDataLoader(DataLoader):
     """DataLoader that hands its sampler's epoch to the dataset before every iteration.
 
-    Datasets of this package seed their augmentation per ``(seed, epoch, index)``; the epoch must be set
-    on the dataset *before* worker processes copy it, i.e. when an iterator is created. Workers are
-    therefore never persistent (a persistent worker would keep the first epoch's copy).
+    Datasets of this package seed their augmentation per ``(seed, epoch, index)``. With a dataset that accepts
+    ``(epoch, index)`` keys, :func:`build_loader` samples such keys (:class:`EpochKeySampler`) and keeps its
+    workers alive across epochs. Otherwise the epoch must be set on the dataset *before* worker processes copy
+    it, i.e. when an iterator is created, and workers are not persistent (one would keep the first epoch's copy).
     """
 
     def __iter__(self) -> Iterator[Any]:
@@ -60,6 +86,7 @@ def build_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     collate_fn: Any = None,
+    persistent_workers: bool | None = None,
 ) -> EpochDataLoader:
     """A reproducible DataLoader: seeded generator, seeded workers, epoch forwarded to the dataset.
 
@@ -76,10 +103,24 @@ def build_loader(
         seed: seed of the loader's generator (which draws the workers' base seed).
         pin_memory: pin host memory for faster GPU copies.
         prefetch_factor: batches prefetched per worker (only with ``num_workers > 0``).
-        collate_fn: custom collate function.
+        collate_fn: custom collate function (default :func:`ipu_norm.data.collate.collate_batch`: batches the
+            dataset collated itself pass through, anything else goes to ``default_collate``).
+        persistent_workers: keep workers across epochs; default: when ``num_workers > 0`` and the dataset accepts
+            ``(epoch, index)`` keys (``accepts_epoch_keys``), which the loader then samples. ``True`` for another
+            dataset is an error (its workers would keep augmenting for the first epoch).
     """
     if sampler is None:
         sampler = ResumableSampler(len(dataset), shuffle=False, seed=seed, drop_last=False)
+    epoch_keys = bool(getattr(dataset, "accepts_epoch_keys", False))
+    if persistent_workers is None:
+        persistent_workers = epoch_keys and num_workers > 0
+    if persistent_workers and not epoch_keys:
+        raise ValueError(
+            f"persistent_workers=True needs a dataset that accepts (epoch, index) keys; {type(dataset).__name__} does "
+            "not (its workers would keep the first epoch's augmentation)"
+        )
+    if epoch_keys:
+        sampler = EpochKeySampler(sampler)
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     kwargs: dict[str, Any] = {}
@@ -94,7 +135,7 @@ def build_loader(
         worker_init_fn=seed_worker,
         generator=generator,
         pin_memory=pin_memory,
-        persistent_workers=False,
-        collate_fn=collate_fn,
+        persistent_workers=bool(persistent_workers and num_workers > 0),
+        collate_fn=collate_fn or collate_batch,
         **kwargs,
     )

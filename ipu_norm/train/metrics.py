@@ -27,6 +27,8 @@ CSV_FIELDS = (
     "val_loss",
     "samples",
     "time_s",
+    "data_wait_s",  # seconds per optimizer step blocked on the data loader (train rows)
+    "data_wait_frac",  # that time as a fraction of the logging window's wall time: input-bound when large
 )
 
 

@@ -105,7 +105,7 @@ class Trainer:
         model_hook: Callable[[nn.Module], None] | None = None,
     ) -> None:
         from ipu_norm.core.plan import build_plan
-        from ipu_norm.data import MixupCutmix, ResumableSampler, build_dataset, build_loader, mix_seed
+        from ipu_norm.data import DeviceInput, MixupCutmix, ResumableSampler, build_dataset, build_loader, mix_seed
 
         self.cfg = cfg = dataclasses.replace(cfg)  # shallow copy: the device/precision may be resolved below
         cfg.execution = dataclasses.replace(cfg.execution, device=resolve_device(cfg.execution.device))
@@ -236,6 +236,9 @@ class Trainer:
                 seed=mix_seed(t.seed, 3, self.dist.rank),
             )
         self.model.to(self.backend.device)
+        # uint8 image batches are normalised on the device (a backend that takes 8-bit input normalises them itself).
+        self.device_input = DeviceInput(self.backend.device, keep_uint8=getattr(self.backend, "accepts_uint8", False))
+        self._data_wait = 0.0  # seconds blocked on the loader since the last metrics row
         self.optimizer = build_optimizer(cfg.optim, self.model, self.global_batch)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, t.epochs)
         spec = TrainSpec(criterion=criterion, agc_clip=cfg.optim.agc_clip, agc_eps=cfg.optim.agc_eps)
@@ -424,6 +427,7 @@ class Trainer:
         with preserved_rng():
             self.val_loader.sampler.set_epoch(0)
             for images, labels in self.val_loader:
+                images = self.device_input(images)
                 # Stand-ins for unreadable files carry IGNORE_TARGET: out of the count (never correct in
                 # topk_correct, ignored by cross_entropy's default ignore_index).
                 bad = int((labels == IGNORE_TARGET).sum())
@@ -456,7 +460,10 @@ class Trainer:
     def _micro_batches(self, it: Iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         for _ in range(self.micro_per_call):
+            t0 = time.perf_counter()
             images, labels = next(it)
+            self._data_wait += time.perf_counter() - t0
+            images = self.device_input(images)
             if self.mixup is not None:
                 images, labels = self.mixup(images, labels)
             out.append((images, labels))
@@ -479,6 +486,7 @@ class Trainer:
                 it = iter(self.train_loader)
                 bar = self._progress(epoch, start_call * self.steps_per_call)
                 window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
+                self._data_wait = 0.0
                 save_after_validation = False
                 for call in range(start_call, self.calls_per_epoch):
                     micro_batches = self._micro_batches(it)
@@ -504,9 +512,11 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t0
                     ips = window_samples / elapsed if elapsed > 0 else 0.0
                     lr = self.optimizer.param_groups[0]["lr"]
+                    wait_frac = self._data_wait / elapsed if elapsed > 0 else 0.0  # input-bound when large
                     if bar is not None:
                         bar.update(self.steps_per_call)
-                        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.1f}")
+                        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.1f}",
+                                        data_wait=f"{wait_frac:.0%}")
                     last_in_epoch = call + 1 == self.calls_per_epoch
                     stop = max_steps is not None and self.global_step >= max_steps
                     if _crossed(prev_step, self.global_step, t.log_every_steps) or last_in_epoch or stop:
@@ -519,6 +529,9 @@ class Trainer:
                                 "loss": avg_loss,
                                 "lr": lr,
                                 "img_per_s": ips,
+                                # per optimizer step (window_samples / global_batch steps in this window)
+                                "data_wait_s": self._data_wait * self.global_batch / max(window_samples, 1),
+                                "data_wait_frac": wait_frac,
                                 "samples": self.samples_seen,
                                 "time_s": time.time(),
                             }
@@ -526,9 +539,10 @@ class Trainer:
                         if bar is None:
                             self.log(
                                 f"epoch {epoch} step {self.global_step}/{self.total_steps} "
-                                f"loss {avg_loss:.4f} lr {lr:.4g} {ips:.1f} img/s"
+                                f"loss {avg_loss:.4f} lr {lr:.4g} {ips:.1f} img/s data wait {wait_frac:.0%}"
                             )
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
+                        self._data_wait = 0.0
                     if last_in_epoch:
                         self.epoch, self.batch_in_epoch = epoch + 1, 0
                     interrupted = stop_request.should_stop(self.dist) and not stop  # collective under torchrun
