@@ -23,6 +23,7 @@ from ipu_norm.data import (
     export_digits_imagefolder,
     smooth_one_hot,
 )
+from ipu_norm.data.device import normalize_uint8
 from ipu_norm.data.seeding import make_numpy_rng
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -318,7 +319,7 @@ def _run_batches(loader, epoch, mixer, start_batch=0, stop_after=None):
     out = []
     loader.sampler.set_epoch(epoch)
     for i, (x, y) in enumerate(loader, start=start_batch):
-        x, t = mixer(x, y)
+        x, t = mixer(normalize_uint8(x), y)  # as the trainer: uint8 batches are normalised, then mixed
         out.append((i, x, t))
         if stop_after is not None and i + 1 == stop_after:
             break
