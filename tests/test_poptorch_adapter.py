@@ -130,7 +130,7 @@ def test_training_wrapper_and_precision_cast() -> None:
     assert next(model.parameters()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw", "rmsprop_tf"])
 def test_optimizer_spec(name: str) -> None:
     plan = make_plan()
     cls, kw = pa.optimizer_spec(name, {"lr": 0.1, "weight_decay": 1e-5, "momentum": 0.9, "nesterov": True}, plan)

@@ -66,14 +66,16 @@ class DataConfig:
 class OptimConfig:
     """Optimizer, learning-rate schedule and Adaptive Gradient Clipping."""
 
-    name: Literal["sgd", "rmsprop", "adamw"] = "sgd"
+    # rmsprop_tf: TensorFlow's RMSprop (ipu_norm.optim.rmsprop_tf; poptorch.optim.RMSprop(use_tf_variant=True)):
+    # mean square starts at 1, eps inside the square root, lr inside the momentum buffer.
+    name: Literal["sgd", "rmsprop", "adamw", "rmsprop_tf"] = "sgd"
     lr: float = 0.1  # per lr_reference_batch samples (see module docstring)
     lr_reference_batch: int | None = 256  # null = lr is absolute
     momentum: float = 0.9  # SGD / RMSprop momentum
     nesterov: bool = False  # SGD only
     weight_decay: float = 0.0  # applied to conv/linear weights and PN proxy params only
-    eps: float | None = None  # null = optimizer default (RMSprop 1e-8, AdamW 1e-8)
-    alpha: float = 0.9  # RMSprop smoothing constant (PyTorch default 0.99; TF/EfficientNet 0.9)
+    eps: float | None = None  # null = optimizer default (RMSprop 1e-8, AdamW 1e-8, rmsprop_tf 1e-10 as TF1)
+    alpha: float = 0.9  # RMSprop / rmsprop_tf decay of the mean square (PyTorch default 0.99; TF's rho 0.9)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     agc_clip: float | None = None  # Adaptive Gradient Clipping factor lambda; null = off
     agc_eps: float = 1e-3

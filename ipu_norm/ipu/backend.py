@@ -37,9 +37,11 @@ def _train_types() -> tuple[Any, Any]:
 
 def _optimizer_name_and_hparams(optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
     """Map the trainer's torch optimizer to an optimizer_spec name and hyper-parameters."""
-    name = type(optimizer).__name__.lower()
-    if name not in ("sgd", "rmsprop", "adamw"):
-        raise ValueError(f"the IPU backend maps SGD, RMSprop, AdamW to poptorch.optim; got {type(optimizer).__name__}")
+    name = {"rmsproptf": "rmsprop_tf"}.get(type(optimizer).__name__.lower(), type(optimizer).__name__.lower())
+    if name not in ("sgd", "rmsprop", "adamw", "rmsprop_tf"):
+        raise ValueError(
+            f"the IPU backend maps SGD, RMSprop, AdamW, RMSpropTF to poptorch.optim; got {type(optimizer).__name__}"
+        )
     return name, dict(optimizer.defaults)
 
 

@@ -211,7 +211,8 @@ def _optimizer_name(opt: Any) -> str | None:
     momentum = field_("momentum")
     if momentum is None and isinstance(opt, object) and hasattr(opt, "defaults"):  # a torch optimizer
         momentum = opt.defaults.get("momentum")
-    if name in ("sgd", "rmsprop") and momentum:
+    name = {"rmsproptf": "rmsprop_tf"}.get(name, name)
+    if name in ("sgd", "rmsprop", "rmsprop_tf") and momentum:
         return "sgd_momentum" if name == "sgd" else "rmsprop_momentum"
     return name
 
