@@ -102,6 +102,12 @@ class TrainConfig:
     cutmix_alpha: float = 0.0  # 0 = off
     ema_decay: float | None = None  # null = no EMA
     ema_warmup: bool = True
+    # After training, average the weights of the saved checkpoints (Graphcore's recipe, ipu_norm.train.weight_avg):
+    # 'exponential' (avg = decay * avg + (1 - decay) * ckpt, oldest first) or 'mean'; saved as
+    # checkpoints/averaged_step<N>.pt, validated once (metrics avg_top1 ...) and used by the fine-tuning stage.
+    weight_avg_strategy: Literal["none", "mean", "exponential"] = "none"
+    weight_avg_exp_decay: float = 0.97
+    weight_avg_N: int | None = None  # the last N saved checkpoints; null = all kept (train.keep_checkpoints)
     val_every_epochs: int = 1  # 0 = validate only at the end
     log_every_steps: int = 10
     checkpoint_every_steps: int | None = None  # null = at the end of every epoch (and at the end)

@@ -409,16 +409,17 @@ class Trainer:
     # ---------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, models: list[tuple[str, nn.Module | None]] | None = None) -> dict[str, float]:
         """Top-1/top-5 (and loss) on the validation set, for the model and its EMA; summed over ranks.
+
+        ``models``: (metric prefix, module) pairs to evaluate instead (None = the trained model).
 
         Under torchrun each rank evaluates its shard; like DistributedSampler, the shards are padded to equal
         length by repeating a few samples when the set does not divide evenly (a bias of < world_size samples).
         """
         self.backend.sync_to_host()
-        models: list[tuple[str, nn.Module | None]] = [("", None)]
-        if self.ema is not None:
-            models.append(("ema_", self.ema.module))
+        if models is None:
+            models = [("", None)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         totals = {prefix: [0.0, 0.0, 0.0] for prefix, _ in models}  # top1, top5, loss sum
         count = unreadable = 0
         with preserved_rng():
@@ -564,6 +565,8 @@ class Trainer:
                 self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
             if self._last_saved_step != self.global_step:
                 self.save()
+            if t.weight_avg_strategy != "none":
+                self._validate_weight_average()
         finally:
             stop_request.uninstall()
             self.backend.close()
@@ -579,6 +582,28 @@ class Trainer:
         msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         self.log(f"validation after epoch {epoch} (step {self.global_step}): {msg}")
         return record
+
+    def _validate_weight_average(self) -> None:
+        """Average the saved checkpoints (``train.weight_avg_*``), save the average, validate it once."""
+        import copy
+
+        from ipu_norm.train.weight_avg import average_checkpoints, describe
+
+        t = self.cfg.train
+        weights, path, info = average_checkpoints(
+            self.ckpt_dir, t.weight_avg_strategy, decay=t.weight_avg_exp_decay, last_n=t.weight_avg_N,
+            save=self.is_main,
+        )
+        describe(info, self.log)
+        averaged = copy.deepcopy(self.model)
+        averaged.load_state_dict(weights)
+        metrics = self.evaluate(models=[("", averaged)])
+        epoch = self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch
+        self.metrics.log({"kind": "val_avg", "epoch": epoch, "step": self.global_step, **metrics,
+                          "time_s": time.time()})
+        self._last_validation = {**self._last_validation, **{f"avg_{k}": v for k, v in metrics.items()}}
+        self.log(f"averaged weights ({path.name}): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        barrier(self.dist)  # the averaged checkpoint is on disk before anyone reads it
 
     def _progress(self, epoch: int, start_step: int) -> Any:
         if not (self.is_main and self.cfg.train.progress_bar):
