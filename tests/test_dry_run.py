@@ -48,9 +48,11 @@ def test_dry_run_every_ipu_config_without_sdk(path: Path, no_sdk: None, capsys: 
     assert f"opts.setAvailableMemoryProportion({{{amp}}})" in lines
     assert len(re.findall(r"^  stage \d on IPU\d", out, re.M)) == stages
     assert out.count("poptorch.BeginBlock(") == (stages if stages > 1 else 0)
-    cls = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW"}[cfg.optim.name]
+    cls = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW", "rmsprop_tf": "RMSprop"}[cfg.optim.name]
     assert f"optimizer: poptorch.optim.{cls}(" in out
-    assert "loss_scaling=" in out and "loss scaling: automatic" in out
+    assert ("use_tf_variant=True" in out) == (cfg.optim.name == "rmsprop_tf")
+    scaling = "automatic" if ex.loss_scaling == "auto" else f"static {ex.loss_scaling:g}"
+    assert "loss_scaling=" in out and f"loss scaling: {scaling}" in out
     samples = t.micro_batch_size * accum * ex.replicas * ex.device_iterations
     assert (f"batch: micro {t.micro_batch_size} x accumulation {accum} x replicas {ex.replicas} x device iterations "
             f"{ex.device_iterations} = {samples} samples per host call") in out
