@@ -79,6 +79,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     agc_clip: float | None = None  # Adaptive Gradient Clipping factor lambda; null = off
     agc_eps: float = 1e-3
+    # step: exact AGC on the accumulated, all-reduced gradient (CPU/GPU); micro_batch: each micro-batch's gradient
+    # of the Scaled-WS convs clipped in the backward pass (the IPU's only option; ipu_norm.optim.agc_scope).
+    agc_scope: Literal["step", "micro_batch"] = "step"
     # exponential: smooth decay_rate ** (epochs / decay_epochs); step: staircase (EfficientNet's x0.97 / 2.4 ep)
     schedule: Literal["cosine", "exponential", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # linear warmup from 0, per optimizer step
