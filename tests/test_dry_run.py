@@ -88,7 +88,14 @@ def test_dry_run_refusals(no_sdk: None, capsys: pytest.CaptureFixture) -> None:
     assert "would be refused" in err and "budget" in err
     agc = str(ROOT / "configs" / "tiny_nf_resnet50_agc.yml")
     assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY]) == 1
-    assert "Adaptive Gradient Clipping is not available" in capsys.readouterr().err
+    assert "optim.agc_scope: step (exact AGC on the accumulated, all-reduced gradient) is not available on IPUs" \
+        in capsys.readouterr().err
+    micro = ["--set", "optim.agc_scope=micro_batch", "--set", "execution.precision=16.32"]
+    assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY, *micro]) == 1
+    assert "needs a static loss scale" in capsys.readouterr().err  # 'auto' is dynamic loss scaling in fp16
+    static = ["--set", "execution.loss_scaling=128"]
+    assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY, *micro, *static]) == 0
+    assert "AGC: per micro-batch in the backward pass (PopART op ipu_norm.MicroBatchAGC" in capsys.readouterr().out
     bad = ["--set", "execution.pipeline_splits=[blocks.1]", "--global-batch-size", "8", "--micro-batch-size", "8"]
     assert run_train.main(["--config", tiny, "--device", "ipu", "--dry-run", *bad]) == 1
     assert "gradient accumulation" in capsys.readouterr().err

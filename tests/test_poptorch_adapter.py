@@ -270,7 +270,7 @@ def test_backend_refuses_agc() -> None:
 
     backend = PoptorchBackend(poptorch=StandIn().poptorch)
     plan = build_plan({"device": "ipu"}, TinyNet(), {"micro_batch_size": 2})
-    with pytest.raises(NotImplementedError, match="agc_clip"):
+    with pytest.raises(NotImplementedError, match="agc_scope: step"):
         backend.prepare(TinyNet(), torch.optim.SGD(TinyNet().parameters(), lr=0.1), plan,
                         TrainSpec(criterion=nn.CrossEntropyLoss(), agc_clip=0.01))
 

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ipu_norm.layers.weight_std import ScaledStdConv2d
@@ -39,3 +41,23 @@ def enable_micro_batch_agc(model: nn.Module, clip: float | None, eps: float = 1e
             "(use agc_scope: step, or an NF model)"
         )
     return names
+
+
+def micro_batch_loss_scale(device: str, precision: str, loss_scaling: Any, micro_batches_per_step: int) -> float:
+    """The factor each micro-batch's gradient carries into the clip, so that it clips the micro-batch's own
+    mean-loss gradient; ValueError (one line) where no fixed factor exists.
+
+    IPU: the static loss scale (``loss_scaling``: the plan's, with ``auto``, ``value``, ``enabled``); PopART 3.4
+    divides by accumulation and replicas only after accumulating (``MeanReductionStrategy::Post``, popart
+    ``sessionoptions.hpp:666-690,1024``), so the backward carries the loss scale alone. CPU/GPU: 1 / micro-batches
+    (the torch backend backpropagates loss / n); CUDA fp16's GradScaler scale changes at run time: refused.
+    """
+    if device == "ipu":
+        if loss_scaling.auto:
+            raise ValueError("optim.agc_scope: micro_batch on IPUs clips loss-scaled gradients and needs a static "
+                             "loss scale: set execution.loss_scaling to a number (e.g. 128)")
+        return float(loss_scaling.value) if loss_scaling.enabled else 1.0
+    if device == "cuda" and precision in ("16.32", "16.16"):
+        raise ValueError("optim.agc_scope: micro_batch does not follow the GradScaler's dynamic loss scale: use "
+                         "execution.precision bf16 or 32.32 on GPUs, or optim.agc_scope: step")
+    return 1.0 / micro_batches_per_step

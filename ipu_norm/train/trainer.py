@@ -298,21 +298,10 @@ class Trainer:
 
     def _enable_micro_batch_agc(self) -> None:
         """``optim.agc_scope: micro_batch``: the Scaled-WS convs clip each micro-batch's gradient (ops.agc_micro)."""
-        from ipu_norm.optim.agc_scope import enable_micro_batch_agc
+        from ipu_norm.optim.agc_scope import enable_micro_batch_agc, micro_batch_loss_scale
 
         o, ex = self.cfg.optim, self.cfg.execution
-        scale = self.plan.loss_scaling
-        if ex.device == "ipu" and scale.auto:
-            raise ValueError("optim.agc_scope: micro_batch on IPUs clips loss-scaled gradients and needs a static "
-                             "loss scale: set execution.loss_scaling to a number (e.g. 128) or use 32.32")
-        if ex.device == "cuda" and ex.precision in ("16.32", "16.16"):
-            raise ValueError("optim.agc_scope: micro_batch does not follow the GradScaler's dynamic loss scale: use "
-                             "execution.precision bf16 or 32.32 on GPUs, or optim.agc_scope: step")
-        # The factor each micro-batch's gradient carries into the clip, so that it clips the micro-batch's own
-        # mean-loss gradient: the static loss scale on IPUs (PopART 3.4 divides by accumulation / replicas only
-        # after accumulating, MeanReductionStrategy::Post), 1 / micro-batches on CPU/GPU (the torch backend
-        # backpropagates loss / n).
-        loss_scale = (scale.value if scale.enabled else 1.0) if ex.device == "ipu" else 1.0 / self.micro_per_call
+        loss_scale = micro_batch_loss_scale(ex.device, ex.precision, self.plan.loss_scaling, self.micro_per_call)
         layers = enable_micro_batch_agc(self.model, o.agc_clip, o.agc_eps, loss_scale)
         self.log(f"AGC per micro-batch (clip {o.agc_clip}) on the parameters of {len(layers)} Scaled-WS convs")
 
