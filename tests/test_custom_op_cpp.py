@@ -465,3 +465,40 @@ def test_popart_op_on_ipu_model(act: str, monkeypatch: pytest.MonkeyPatch) -> No
     for p_ipu, p_ref, g in zip(model.parameters(), ref.parameters(), grads):
         torch.testing.assert_close(p_ipu.detach(), (p_ref - g).detach(), rtol=1e-4, atol=1e-5)
     train.detachFromDevice()
+
+
+class _AgcModel(torch.nn.Module):
+    def __init__(self, clip: float) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import poptorch
+
+        from ipu_norm.ops.agc_micro import micro_batch_agc
+
+        out = x @ micro_batch_agc(self.weight, self.clip).t()
+        return poptorch.identity_loss(out.pow(2).sum(), reduction="none")
+
+
+@pytest.mark.ipu
+def test_agc_popart_op_on_ipu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One SGD step (lr 1) through ipu_norm.MicroBatchAGC on the IPU Model equals W - clip(dL/dW) on the host."""
+    import poptorch
+
+    from ipu_norm.ops.agc_micro import clip_unitwise
+
+    monkeypatch.setenv("POPTORCH_IPU_MODEL", "1")
+    _build_library()
+    model, ref = _AgcModel(0.01), _AgcModel(0.01)
+    x = torch.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    opts = poptorch.Options().useIpuModel(True)
+    train = poptorch.trainingModel(model, opts, optimizer=poptorch.optim.SGD(model.parameters(), lr=1.0))
+    train(x)
+    train.copyWeightsToHost()
+    grad = torch.autograd.grad((x @ ref.weight.t()).pow(2).sum(), ref.weight)[0]
+    want = ref.weight.detach() - clip_unitwise(grad, ref.weight.detach(), 0.01)
+    torch.testing.assert_close(model.weight.detach(), want, rtol=1e-4, atol=1e-5)
+    train.detachFromDevice()
