@@ -59,7 +59,11 @@ def test_every_shipped_config_validates(path: Path) -> None:
 def test_effnet_b0_proxy_recipe() -> None:
     cfg = load_config(CONFIG_DIR / "effnet_b0_proxy.yml")
     assert (cfg.model.name, cfg.model.norm) == ("efficientnet_b0", "ln+pn")
-    assert cfg.optim.name == "rmsprop" and cfg.train.label_smoothing == 0.1 and cfg.train.ema_decay == 0.97
+    assert cfg.optim.name == "rmsprop_tf" and cfg.train.label_smoothing == 0.1 and cfg.train.ema_decay is None
+    # Graphcore's published values (graphcore/examples vision/cnns/pytorch/train/configs.yml, EfficientNet base)
+    assert (cfg.optim.alpha, cfg.optim.eps, cfg.optim.momentum, cfg.optim.weight_decay) == (0.953125, 1e-3, 0.9, 1e-5)
+    assert (cfg.train.weight_avg_strategy, cfg.train.weight_avg_exp_decay) == ("exponential", 0.97)
+    assert cfg.execution.loss_scaling == 128 and cfg.optim.decay_epochs == pytest.approx(1 / 0.424, rel=1e-4)
     assert (cfg.data.train_size, cfg.data.test_size) == (160, 224)
     assert cfg.train.micro_batch_size == 24 and cfg.train.global_batch_size == 768
     assert cfg.train.mixup_alpha > 0 and cfg.train.cutmix_alpha > 0

@@ -150,7 +150,7 @@ def test_make_test_kernel_target(tmp_path: Path) -> None:
     res = subprocess.run(["make", "-C", str(CUSTOM_OPS), "test-kernel", f"BUILD={tmp_path}", f"CXX={CXX}"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "libproxy_stats_capi.so").is_file()
+    assert (tmp_path / "libproxy_stats_capi.so").is_file() and (tmp_path / "libagc_micro_capi.so").is_file()
 
 
 def _sdk_present() -> bool:
@@ -188,6 +188,71 @@ def test_popart_source_registers_the_python_names() -> None:
     # the activation codes the header parses, in the order of PROXY_ACTS
     header = (CUSTOM_OPS / "proxy_stats_kernel.hpp").read_text()
     assert '{"relu", "silu", "gelu", "identity"}' in header and PROXY_ACTS == ("relu", "silu", "gelu", "identity")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Micro-batch AGC: the host reference of the PopART op (custom_ops/agc_micro_kernel.hpp) against the CPU/GPU
+# variant (ipu_norm.ops.agc_micro.clip_unitwise), and the op's registration against the Python side.
+
+
+@pytest.fixture(scope="module")
+def agc_capi(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    out = tmp_path_factory.mktemp("agc_capi") / "libagc_micro_capi.so"
+    cmd = [CXX, "-std=c++14", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+           str(CUSTOM_OPS / "agc_micro_capi.cpp"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(out))
+    i64, dbl = ctypes.c_int64, ctypes.c_double
+    lib.ipu_norm_agc_micro_clip_f64.argtypes = [i64, i64, _D, _D, dbl, dbl, dbl, _D]
+    lib.ipu_norm_agc_micro_clip_f32.argtypes = [i64, i64, _F, _F, dbl, dbl, dbl, _F]
+    return lib
+
+
+@needs_cxx
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 7), (9,), ()])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("scale", [1.0, 128.0])
+def test_agc_kernel_matches_cpu_variant(agc_capi: ctypes.CDLL, shape: tuple[int, ...], dtype: type,
+                                        scale: float) -> None:
+    from ipu_norm.ops.agc_micro import clip_unitwise
+
+    rng = np.random.default_rng(len(shape))
+    w = rng.normal(size=shape).astype(dtype)
+    g = (rng.normal(size=shape) * np.logspace(-3, 0.5, w.size).reshape(shape) * scale).astype(dtype)
+    if len(shape) > 1:
+        w[1] = 0.0  # a unit below eps
+    rows = shape[0] if len(shape) >= 2 else 1
+    w, g = np.ascontiguousarray(w), np.ascontiguousarray(g)
+    out = np.empty_like(g)
+    fn = agc_capi.ipu_norm_agc_micro_clip_f64 if dtype == np.float64 else agc_capi.ipu_norm_agc_micro_clip_f32
+    assert fn(rows, max(1, g.size // rows), _ptr(g), _ptr(w), 0.02, 1e-3, scale, _ptr(out)) == 0
+    want = clip_unitwise(torch.from_numpy(g.copy()), torch.from_numpy(w.copy()), 0.02, 1e-3, scale).numpy()
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(out, want, rtol=tol, atol=0)
+    assert not np.array_equal(out, g) or len(shape) == 0  # some unit was clipped
+
+
+@needs_cxx
+def test_agc_kernel_rejects_bad_arguments(agc_capi: ctypes.CDLL) -> None:
+    g = np.ones(4)
+    out = np.empty(4)
+    fn = agc_capi.ipu_norm_agc_micro_clip_f64
+    assert fn(2, 2, _ptr(g), _ptr(g), 0.0, 1e-3, 1.0, _ptr(out)) == -1  # clip must be > 0
+    assert fn(0, 2, _ptr(g), _ptr(g), 0.1, 1e-3, 1.0, _ptr(out)) == -1
+    assert fn(2, 2, _ptr(g), _ptr(g), 0.1, 1e-3, 0.0, _ptr(out)) == -1
+
+
+def test_agc_popart_source_registers_the_python_names() -> None:
+    from ipu_norm.ops import agc_micro
+
+    src = AGC_POPART_SRC.read_text()
+    m = agc_micro
+    ident = f'{{"{m.CUSTOM_OP_DOMAIN}", "{m.CUSTOM_OP_NAME}", {m.CUSTOM_OP_VERSION}, {{1, 1}}, 1}}'
+    assert ident in src
+    for attr in ("clip", "eps", "loss_scale"):
+        assert f'getAttribute<popart::Attributes::Float>("{attr}"' in src
+    assert "agc_micro_popart.cpp" in (CUSTOM_OPS / "Makefile").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,16 +364,22 @@ def real_sdk_headers(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Pat
     return dirs, ours
 
 
+AGC_POPART_SRC = CUSTOM_OPS / "agc_micro_popart.cpp"
+
+
 @needs_cxx
-def test_popart_op_compiles_against_standin_declarations() -> None:
-    res = _syntax_check(POPART_SRC, [SDK_DECLS / "standin", SDK_DECLS])
+@pytest.mark.parametrize("src", [POPART_SRC, AGC_POPART_SRC], ids=lambda p: p.stem)
+def test_popart_op_compiles_against_standin_declarations(src: Path) -> None:
+    res = _syntax_check(src, [SDK_DECLS / "standin", SDK_DECLS])
     assert res.returncode == 0, res.stderr
 
 
 @needs_cxx
-def test_popart_op_compiles_against_real_popart_headers(real_sdk_headers: tuple[list[Path], list[Path]]) -> None:
+@pytest.mark.parametrize("src", [POPART_SRC, AGC_POPART_SRC], ids=lambda p: p.stem)
+def test_popart_op_compiles_against_real_popart_headers(real_sdk_headers: tuple[list[Path], list[Path]],
+                                                        src: Path) -> None:
     system, ours = real_sdk_headers
-    res = _syntax_check(POPART_SRC, ours, system)
+    res = _syntax_check(src, ours, system)
     assert res.returncode == 0, res.stderr
 
 
@@ -393,4 +464,41 @@ def test_popart_op_on_ipu_model(act: str, monkeypatch: pytest.MonkeyPatch) -> No
     grads = torch.autograd.grad((r_mean * weights).sum() + (r_var * weights).sum(), list(ref.parameters()))
     for p_ipu, p_ref, g in zip(model.parameters(), ref.parameters(), grads):
         torch.testing.assert_close(p_ipu.detach(), (p_ref - g).detach(), rtol=1e-4, atol=1e-5)
+    train.detachFromDevice()
+
+
+class _AgcModel(torch.nn.Module):
+    def __init__(self, clip: float) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import poptorch
+
+        from ipu_norm.ops.agc_micro import micro_batch_agc
+
+        out = x @ micro_batch_agc(self.weight, self.clip).t()
+        return poptorch.identity_loss(out.pow(2).sum(), reduction="none")
+
+
+@pytest.mark.ipu
+def test_agc_popart_op_on_ipu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One SGD step (lr 1) through ipu_norm.MicroBatchAGC on the IPU Model equals W - clip(dL/dW) on the host."""
+    import poptorch
+
+    from ipu_norm.ops.agc_micro import clip_unitwise
+
+    monkeypatch.setenv("POPTORCH_IPU_MODEL", "1")
+    _build_library()
+    model, ref = _AgcModel(0.01), _AgcModel(0.01)
+    x = torch.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    opts = poptorch.Options().useIpuModel(True)
+    train = poptorch.trainingModel(model, opts, optimizer=poptorch.optim.SGD(model.parameters(), lr=1.0))
+    train(x)
+    train.copyWeightsToHost()
+    grad = torch.autograd.grad((x @ ref.weight.t()).pow(2).sum(), ref.weight)[0]
+    want = ref.weight.detach() - clip_unitwise(grad, ref.weight.detach(), 0.01)
+    torch.testing.assert_close(model.weight.detach(), want, rtol=1e-4, atol=1e-5)
     train.detachFromDevice()

@@ -48,9 +48,11 @@ def test_dry_run_every_ipu_config_without_sdk(path: Path, no_sdk: None, capsys: 
     assert f"opts.setAvailableMemoryProportion({{{amp}}})" in lines
     assert len(re.findall(r"^  stage \d on IPU\d", out, re.M)) == stages
     assert out.count("poptorch.BeginBlock(") == (stages if stages > 1 else 0)
-    cls = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW"}[cfg.optim.name]
+    cls = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW", "rmsprop_tf": "RMSprop"}[cfg.optim.name]
     assert f"optimizer: poptorch.optim.{cls}(" in out
-    assert "loss_scaling=" in out and "loss scaling: automatic" in out
+    assert ("use_tf_variant=True" in out) == (cfg.optim.name == "rmsprop_tf")
+    scaling = "automatic" if ex.loss_scaling == "auto" else f"static {ex.loss_scaling:g}"
+    assert "loss_scaling=" in out and f"loss scaling: {scaling}" in out
     samples = t.micro_batch_size * accum * ex.replicas * ex.device_iterations
     assert (f"batch: micro {t.micro_batch_size} x accumulation {accum} x replicas {ex.replicas} x device iterations "
             f"{ex.device_iterations} = {samples} samples per host call") in out
@@ -86,7 +88,14 @@ def test_dry_run_refusals(no_sdk: None, capsys: pytest.CaptureFixture) -> None:
     assert "would be refused" in err and "budget" in err
     agc = str(ROOT / "configs" / "tiny_nf_resnet50_agc.yml")
     assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY]) == 1
-    assert "Adaptive Gradient Clipping is not available" in capsys.readouterr().err
+    assert "optim.agc_scope: step (exact AGC on the accumulated, all-reduced gradient) is not available on IPUs" \
+        in capsys.readouterr().err
+    micro = ["--set", "optim.agc_scope=micro_batch", "--set", "execution.precision=16.32"]
+    assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY, *micro]) == 1
+    assert "needs a static loss scale" in capsys.readouterr().err  # 'auto' is dynamic loss scaling in fp16
+    static = ["--set", "execution.loss_scaling=128"]
+    assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY, *micro, *static]) == 0
+    assert "AGC: per micro-batch in the backward pass (PopART op ipu_norm.MicroBatchAGC" in capsys.readouterr().out
     bad = ["--set", "execution.pipeline_splits=[blocks.1]", "--global-batch-size", "8", "--micro-batch-size", "8"]
     assert run_train.main(["--config", tiny, "--device", "ipu", "--dry-run", *bad]) == 1
     assert "gradient accumulation" in capsys.readouterr().err

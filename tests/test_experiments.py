@@ -121,6 +121,16 @@ def test_batch_independent_norms_do_not_depend_on_micro_batch(norm: str, tiny_di
     assert r1["val_loss"] == pytest.approx(r32["val_loss"], rel=1e-4)
 
 
+def test_micro_batch_agc_equals_step_agc_without_accumulation(tiny_digits: bd.Digits) -> None:
+    # At micro-batch 32 (no accumulation) clipping each micro-batch is clipping the step's gradient; at
+    # micro-batch 4 the sum of clipped gradients is another update (clipping is not linear).
+    step32, micro32 = (bd.train_one(n, 32, tiny_digits, steps=4) for n in ("nf", "nf_micro"))
+    assert micro32["val_loss"] == pytest.approx(step32["val_loss"], rel=1e-5)
+    step4, micro4 = (bd.train_one(n, 4, tiny_digits, steps=4) for n in ("nf", "nf_micro"))
+    assert step4["val_loss"] == pytest.approx(step32["val_loss"], rel=1e-4)
+    assert abs(micro4["val_loss"] - step4["val_loss"]) > 1e-3
+
+
 def test_batchnorm_depends_on_micro_batch(tiny_digits: bd.Digits) -> None:
     r1 = bd.train_one("bn", 4, tiny_digits, steps=2)
     r32 = bd.train_one("bn", 32, tiny_digits, steps=2)

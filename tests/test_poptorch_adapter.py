@@ -130,7 +130,7 @@ def test_training_wrapper_and_precision_cast() -> None:
     assert next(model.parameters()).dtype == torch.float16
 
 
-@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw", "rmsprop_tf"])
 def test_optimizer_spec(name: str) -> None:
     plan = make_plan()
     cls, kw = pa.optimizer_spec(name, {"lr": 0.1, "weight_decay": 1e-5, "momentum": 0.9, "nesterov": True}, plan)
@@ -270,7 +270,7 @@ def test_backend_refuses_agc() -> None:
 
     backend = PoptorchBackend(poptorch=StandIn().poptorch)
     plan = build_plan({"device": "ipu"}, TinyNet(), {"micro_batch_size": 2})
-    with pytest.raises(NotImplementedError, match="agc_clip"):
+    with pytest.raises(NotImplementedError, match="agc_scope: step"):
         backend.prepare(TinyNet(), torch.optim.SGD(TinyNet().parameters(), lr=0.1), plan,
                         TrainSpec(criterion=nn.CrossEntropyLoss(), agc_clip=0.01))
 

@@ -331,6 +331,7 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
         ("train.checkpoint_every_steps", t.checkpoint_every_steps),
         ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+        ("train.weight_avg_N", t.weight_avg_N),
         ("execution.replicas", e.replicas),
         ("execution.gradient_accumulation", e.gradient_accumulation),
         ("execution.device_iterations", e.device_iterations),
@@ -373,6 +374,14 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
         s,
     )
     _check(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (null = off)", s)
+    _check(0 < t.weight_avg_exp_decay < 1, "train.weight_avg_exp_decay", "must be in (0, 1)", s)
+    _check(
+        t.weight_avg_strategy == "none" or t.weight_avg_N is None or t.weight_avg_N <= t.keep_checkpoints,
+        "train.weight_avg_N",
+        f"averages the last {t.weight_avg_N} saved checkpoints but train.keep_checkpoints keeps only "
+        f"{t.keep_checkpoints}; raise keep_checkpoints or lower weight_avg_N",
+        s,
+    )
     if isinstance(e.loss_scaling, str):
         if e.loss_scaling != "auto":
             try:

@@ -66,17 +66,22 @@ class DataConfig:
 class OptimConfig:
     """Optimizer, learning-rate schedule and Adaptive Gradient Clipping."""
 
-    name: Literal["sgd", "rmsprop", "adamw"] = "sgd"
+    # rmsprop_tf: TensorFlow's RMSprop (ipu_norm.optim.rmsprop_tf; poptorch.optim.RMSprop(use_tf_variant=True)):
+    # mean square starts at 1, eps inside the square root, lr inside the momentum buffer.
+    name: Literal["sgd", "rmsprop", "adamw", "rmsprop_tf"] = "sgd"
     lr: float = 0.1  # per lr_reference_batch samples (see module docstring)
     lr_reference_batch: int | None = 256  # null = lr is absolute
     momentum: float = 0.9  # SGD / RMSprop momentum
     nesterov: bool = False  # SGD only
     weight_decay: float = 0.0  # applied to conv/linear weights and PN proxy params only
-    eps: float | None = None  # null = optimizer default (RMSprop 1e-8, AdamW 1e-8)
-    alpha: float = 0.9  # RMSprop smoothing constant (PyTorch default 0.99; TF/EfficientNet 0.9)
+    eps: float | None = None  # null = optimizer default (RMSprop 1e-8, AdamW 1e-8, rmsprop_tf 1e-10 as TF1)
+    alpha: float = 0.9  # RMSprop / rmsprop_tf decay of the mean square (PyTorch default 0.99; TF's rho 0.9)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     agc_clip: float | None = None  # Adaptive Gradient Clipping factor lambda; null = off
     agc_eps: float = 1e-3
+    # step: exact AGC on the accumulated, all-reduced gradient (CPU/GPU); micro_batch: each micro-batch's gradient
+    # of the Scaled-WS convs clipped in the backward pass (the IPU's only option; ipu_norm.optim.agc_scope).
+    agc_scope: Literal["step", "micro_batch"] = "step"
     # exponential: smooth decay_rate ** (epochs / decay_epochs); step: staircase (EfficientNet's x0.97 / 2.4 ep)
     schedule: Literal["cosine", "exponential", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # linear warmup from 0, per optimizer step
@@ -100,6 +105,12 @@ class TrainConfig:
     cutmix_alpha: float = 0.0  # 0 = off
     ema_decay: float | None = None  # null = no EMA
     ema_warmup: bool = True
+    # After training, average the weights of the saved checkpoints (Graphcore's recipe, ipu_norm.train.weight_avg):
+    # 'exponential' (avg = decay * avg + (1 - decay) * ckpt, oldest first) or 'mean'; saved as
+    # checkpoints/averaged_step<N>.pt, validated once (metrics avg_top1 ...) and used by the fine-tuning stage.
+    weight_avg_strategy: Literal["none", "mean", "exponential"] = "none"
+    weight_avg_exp_decay: float = 0.97
+    weight_avg_N: int | None = None  # the last N saved checkpoints; null = all kept (train.keep_checkpoints)
     val_every_epochs: int = 1  # 0 = validate only at the end
     log_every_steps: int = 10
     checkpoint_every_steps: int | None = None  # null = at the end of every epoch (and at the end)

@@ -10,8 +10,9 @@ Graphcore's applications). `micro_batches_per_step` says how many micro-batches 
 Everything PopTorch-specific goes through ipu_norm/ipu/poptorch_adapter.py; poptorch is imported lazily and a
 missing SDK gives `PoplarSDKMissingError` with instructions.
 
-Not supported on IPU by this backend (it raises at `prepare`): Adaptive Gradient Clipping (AGC needs per-unit
-clipping of the accumulated gradient inside the device's optimizer step, which poptorch.optim does not offer).
+Not supported on IPU by this backend (it raises at `prepare`): exact (``optim.agc_scope: step``) Adaptive Gradient
+Clipping (it needs per-unit clipping of the accumulated gradient inside the device's optimizer step, which
+poptorch.optim does not offer); ``agc_scope: micro_batch`` runs in the model's graph (ipu_norm.ops.agc_micro).
 Evaluation runs on the IPU through ``poptorch.inferenceModel``; partial batches are padded to the compiled batch
 size so the executable is not recompiled.
 """
@@ -37,16 +38,19 @@ def _train_types() -> tuple[Any, Any]:
 
 def _optimizer_name_and_hparams(optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
     """Map the trainer's torch optimizer to an optimizer_spec name and hyper-parameters."""
-    name = type(optimizer).__name__.lower()
-    if name not in ("sgd", "rmsprop", "adamw"):
-        raise ValueError(f"the IPU backend maps SGD, RMSprop, AdamW to poptorch.optim; got {type(optimizer).__name__}")
+    name = {"rmsproptf": "rmsprop_tf"}.get(type(optimizer).__name__.lower(), type(optimizer).__name__.lower())
+    if name not in ("sgd", "rmsprop", "adamw", "rmsprop_tf"):
+        raise ValueError(
+            f"the IPU backend maps SGD, RMSprop, AdamW, RMSpropTF to poptorch.optim; got {type(optimizer).__name__}"
+        )
     return name, dict(optimizer.defaults)
 
 
 # Why the IPU backend refuses AGC (raised by `prepare`, reported by the dry run).
 AGC_UNSUPPORTED = (
-    "optim.agc_clip is set: Adaptive Gradient Clipping is not available on the IPU backend (poptorch.optim has "
-    "no per-unit gradient clipping). Train NFNets with AGC on cpu/cuda, or set optim.agc_clip: null."
+    "optim.agc_scope: step (exact AGC on the accumulated, all-reduced gradient) is not available on IPUs: PopTorch "
+    "3.4 has no hook between gradient accumulation and the weight update. Set optim.agc_scope: micro_batch (AGC on "
+    "each micro-batch's gradient in the backward pass, the PopART op ipu_norm.MicroBatchAGC), or optim.agc_clip: null."
 )
 
 

@@ -107,8 +107,22 @@ def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
         problems.append(refusal)
 
     out("")
-    if cfg.optim.agc_clip is not None:
+    if cfg.optim.agc_clip is not None and cfg.optim.agc_scope == "step":
         problems.append(AGC_UNSUPPORTED)
+    elif cfg.optim.agc_clip is not None:
+        from ipu_norm.optim.agc_scope import enable_micro_batch_agc, micro_batch_loss_scale
+
+        try:
+            scale = micro_batch_loss_scale("ipu", plan.precision.name, plan.loss_scaling, 1)
+            layers = enable_micro_batch_agc(model, cfg.optim.agc_clip, cfg.optim.agc_eps, scale)
+            exact = plan.gradient_accumulation == 1 and plan.replicas == 1
+            out(f"AGC: per micro-batch in the backward pass (PopART op ipu_norm.MicroBatchAGC, clip "
+                f"{cfg.optim.agc_clip:g}, loss scale {scale:g}) on the parameters of {len(layers)} Scaled-WS convs; "
+                + ("exact (accumulation 1, one replica)" if exact else
+                   f"not exact AGC: each of {plan.gradient_accumulation} micro-batches x {plan.replicas} replicas is "
+                   "clipped before accumulation and all-reduce"))
+        except ValueError as err:
+            problems.append(str(err))
     name, hparams = _optimizer_name_and_hparams(optimizer)
     cls, kw = pa.optimizer_spec(name, hparams, plan)
     # The backend hands PopTorch the trainer's parameter groups, each with its own lr and weight decay.
@@ -146,7 +160,8 @@ def _compile(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
 
     criterion, soft = build_criterion(cfg)
     backend = PoptorchBackend(cfg, poptorch=poptorch)
-    backend.prepare(model, optimizer, plan, TrainSpec(criterion=criterion, agc_clip=cfg.optim.agc_clip))
+    step_agc = cfg.optim.agc_clip if cfg.optim.agc_scope == "step" else None  # micro_batch: set up by describe
+    backend.prepare(model, optimizer, plan, TrainSpec(criterion=criterion, agc_clip=step_agc))
     n = plan.micro_batch_size * backend.micro_batches_per_step
     size, _ = image_sizes(cfg.data, model)  # the trainer's train size
     images = torch.zeros(n, 3, size, size)

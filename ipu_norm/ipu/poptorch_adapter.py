@@ -342,14 +342,15 @@ def cast_model_for_precision(model: nn.Module, plan: ExecutionPlan) -> nn.Module
     return model
 
 
-_OPTIM_CLASSES = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW"}
+# rmsprop_tf: TensorFlow's RMSprop (ipu_norm/optim/rmsprop_tf.py), PopTorch's RMSprop with use_tf_variant=True.
+_OPTIM_CLASSES = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW", "rmsprop_tf": "RMSprop"}
 
 
 def optimizer_spec(name: str, hparams: Mapping[str, Any], plan: ExecutionPlan) -> tuple[str, dict[str, Any]]:
     """``(poptorch.optim class name, keyword arguments)`` for an optimizer (pure; tested without poptorch).
 
     Args:
-        name: 'sgd' | 'rmsprop' | 'adamw'.
+        name: 'sgd' | 'rmsprop' | 'adamw' | 'rmsprop_tf'.
         hparams: lr, weight_decay, momentum, nesterov (SGD), alpha, eps (RMSprop), betas, eps (AdamW);
             missing keys fall back to the PyTorch defaults.
         plan: gives the loss scaling and accumulator dtype (fp16 only for 16.16).
@@ -371,14 +372,16 @@ def optimizer_spec(name: str, hparams: Mapping[str, Any], plan: ExecutionPlan) -
             nesterov=bool(hparams.get("nesterov", False)),
             velocity_accum_type=accum,
         )
-    elif key == "rmsprop":
+    elif key in ("rmsprop", "rmsprop_tf"):
         kw.update(
-            alpha=float(hparams.get("alpha", 0.99)),
-            eps=float(hparams.get("eps", 1e-8)),
+            alpha=float(hparams.get("alpha", 0.99 if key == "rmsprop" else 0.9)),
+            eps=float(hparams.get("eps", 1e-8 if key == "rmsprop" else 1e-10)),
             momentum=float(hparams.get("momentum", 0.0)),
             first_order_momentum_accum_type=accum,
             second_order_momentum_accum_type=accum,
         )
+        if key == "rmsprop_tf":
+            kw["use_tf_variant"] = True
     else:
         kw.update(
             betas=tuple(hparams.get("betas", (0.9, 0.999))),

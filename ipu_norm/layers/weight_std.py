@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipu_norm.ops import cpu_kernels
+from ipu_norm.ops.agc_micro import MicroBatchAGC
 from ipu_norm.ops.proxy_stats import uses_plain_ops
 from ipu_norm.ops.unit_norms import record_grad_norm, record_weight_norm
 
@@ -261,6 +262,9 @@ class ScaledStdConv2d(nn.Conv2d):
         self.gamma = float(gamma)
         self.gain_init = float(gain_init)
         self.gain = nn.Parameter(torch.empty((out_channels, 1, 1, 1), device=device, dtype=dtype))
+        # Micro-batch AGC (optim.agc_scope: micro_batch, set by ipu_norm.optim.agc_scope): weight, gain and bias
+        # pass through an identity whose backward clips their gradients unit-wise. None = plain layer.
+        self.micro_batch_agc: MicroBatchAGC | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -289,8 +293,11 @@ class ScaledStdConv2d(nn.Conv2d):
             pw = _tf_same_pad(x.shape[-1], kw, sw, dw)
             if ph or pw:
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        weight, gain, bias, clip = self.weight, self.gain, self.bias, self.micro_batch_agc
+        if clip is not None:
+            weight, gain, bias = clip(weight), clip(gain), None if bias is None else clip(bias)
+        weight = scaled_std_weight(weight, gain, form=self.form, eps=self.eps, gamma=self.gamma)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

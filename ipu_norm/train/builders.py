@@ -46,11 +46,12 @@ def effective_lr(ocfg: OptimConfig, global_batch_size: int) -> float:
 
 
 def build_optimizer(ocfg: OptimConfig, model: nn.Module, global_batch_size: int) -> torch.optim.Optimizer:
-    """SGD (optionally Nesterov) / RMSprop / AdamW over ``param_groups_weight_decay`` groups.
+    """SGD (optionally Nesterov) / RMSprop / AdamW / RMSpropTF over ``param_groups_weight_decay`` groups.
 
-    Weight decay goes to conv/linear weights and Proxy Norm's proxy parameters only. RMSprop uses
-    PyTorch's definition (``eps`` outside the square root; TF's ``eps`` sits inside it, so TF eps=1e-3
-    corresponds to about 0.03 here).
+    Weight decay goes to conv/linear weights and Proxy Norm's proxy parameters only. ``rmsprop`` uses
+    PyTorch's definition (``eps`` outside the square root, mean square from 0); ``rmsprop_tf`` TensorFlow's
+    (``ipu_norm.optim.rmsprop_tf``: eps inside the root, mean square from 1, lr in the momentum buffer), the
+    update of ``poptorch.optim.RMSprop(use_tf_variant=True)`` on IPUs.
     """
     lr = effective_lr(ocfg, global_batch_size)
     groups = [g for g in param_groups_weight_decay(model, ocfg.weight_decay) if g["params"]]
@@ -59,6 +60,11 @@ def build_optimizer(ocfg: OptimConfig, model: nn.Module, global_batch_size: int)
     if ocfg.name == "rmsprop":
         eps = 1e-8 if ocfg.eps is None else ocfg.eps
         return torch.optim.RMSprop(groups, lr=lr, alpha=ocfg.alpha, eps=eps, momentum=ocfg.momentum)
+    if ocfg.name == "rmsprop_tf":
+        from ipu_norm.optim.rmsprop_tf import RMSpropTF
+
+        eps = 1e-10 if ocfg.eps is None else ocfg.eps
+        return RMSpropTF(groups, lr=lr, alpha=ocfg.alpha, eps=eps, momentum=ocfg.momentum)
     if ocfg.name == "adamw":
         eps = 1e-8 if ocfg.eps is None else ocfg.eps
         return torch.optim.AdamW(groups, lr=lr, betas=(ocfg.betas[0], ocfg.betas[1]), eps=eps)

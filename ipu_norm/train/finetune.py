@@ -32,6 +32,7 @@ from ipu_norm.config.schema import Config
 from ipu_norm.layers.drop_path import DropPath
 from ipu_norm.train.checkpoint import CheckpointError, load_checkpoint, load_latest_good
 from ipu_norm.train.trainer import RunResult, train
+from ipu_norm.train.weight_avg import find_averaged
 
 FINETUNE_SUBDIR = "finetune"
 
@@ -59,8 +60,9 @@ def finetune_config(cfg: Config, run_dir: str | Path) -> Config:
 
     Changed from ``cfg``: train and test size = :func:`resolve_image_size`; evaluation transform for the
     training images; optimizer, lr (per ``optim.lr_reference_batch``), momentum from ``finetune``, cosine to 0
-    without warmup; no mixup/cutmix, no EMA; epochs / max_steps / batch sizes from ``finetune``; output in
-    ``run_dir/finetune``. ``finetune.enabled`` is cleared so that the stage does not chain itself.
+    without warmup; no mixup/cutmix, no EMA, no weight averaging; epochs / max_steps / batch sizes from
+    ``finetune``; output in ``run_dir/finetune``. ``finetune.enabled`` is cleared so that the stage does not
+    chain itself.
     """
     f = cfg.finetune
     size = resolve_image_size(cfg)
@@ -72,6 +74,7 @@ def finetune_config(cfg: Config, run_dir: str | Path) -> Config:
         mixup_alpha=0.0,
         cutmix_alpha=0.0,
         ema_decay=None,
+        weight_avg_strategy="none",  # the main run's averaging already happened; the stage starts from it
         micro_batch_size=f.micro_batch_size or t.micro_batch_size,
         global_batch_size=f.global_batch_size or t.global_batch_size,
         output_dir=str(Path(run_dir) / FINETUNE_SUBDIR),
@@ -112,7 +115,8 @@ def find_source_checkpoint(source: str | Path, report: Callable[[str], None] = p
     found = load_latest_good(where, report=report, resume=False)
     if found is None:
         raise CheckpointError(f"--finetune-from {source}: no usable checkpoint in {where}")
-    return found
+    averaged = find_averaged(found[0])  # Graphcore fine-tunes from the averaged weights (train.weight_avg_*)
+    return (averaged, load_checkpoint(averaged)) if averaged is not None else found
 
 
 def _module_order(model: nn.Module, name: str) -> tuple[dict[str, int], int]:

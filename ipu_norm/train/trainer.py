@@ -241,7 +241,10 @@ class Trainer:
         self._data_wait = 0.0  # seconds blocked on the loader since the last metrics row
         self.optimizer = build_optimizer(cfg.optim, self.model, self.global_batch)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch, t.epochs)
-        spec = TrainSpec(criterion=criterion, agc_clip=cfg.optim.agc_clip, agc_eps=cfg.optim.agc_eps)
+        step_agc = cfg.optim.agc_clip if cfg.optim.agc_scope == "step" else None
+        if cfg.optim.agc_clip is not None and cfg.optim.agc_scope == "micro_batch":
+            self._enable_micro_batch_agc()
+        spec = TrainSpec(criterion=criterion, agc_clip=step_agc, agc_eps=cfg.optim.agc_eps)
         self.backend.prepare(self.model, self.optimizer, self.plan, spec)
         expected = getattr(self.backend, "micro_batches_per_step", self.micro_per_call)
         if expected != self.micro_per_call:
@@ -295,6 +298,15 @@ class Trainer:
         """Print on rank 0 only."""
         if self.is_main:
             self._log(msg)
+
+    def _enable_micro_batch_agc(self) -> None:
+        """``optim.agc_scope: micro_batch``: the Scaled-WS convs clip each micro-batch's gradient (ops.agc_micro)."""
+        from ipu_norm.optim.agc_scope import enable_micro_batch_agc, micro_batch_loss_scale
+
+        o, ex = self.cfg.optim, self.cfg.execution
+        loss_scale = micro_batch_loss_scale(ex.device, ex.precision, self.plan.loss_scaling, self.micro_per_call)
+        layers = enable_micro_batch_agc(self.model, o.agc_clip, o.agc_eps, loss_scale)
+        self.log(f"AGC per micro-batch (clip {o.agc_clip}) on the parameters of {len(layers)} Scaled-WS convs")
 
     def _resume(self, resume: str) -> None:
         """Restore a checkpoint: 'latest' (this run's directory), a run/checkpoint directory, or a file."""
@@ -412,16 +424,17 @@ class Trainer:
     # ---------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, models: list[tuple[str, nn.Module | None]] | None = None) -> dict[str, float]:
         """Top-1/top-5 (and loss) on the validation set, for the model and its EMA; summed over ranks.
+
+        ``models``: (metric prefix, module) pairs to evaluate instead (None = the trained model).
 
         Under torchrun each rank evaluates its shard; like DistributedSampler, the shards are padded to equal
         length by repeating a few samples when the set does not divide evenly (a bias of < world_size samples).
         """
         self.backend.sync_to_host()
-        models: list[tuple[str, nn.Module | None]] = [("", None)]
-        if self.ema is not None:
-            models.append(("ema_", self.ema.module))
+        if models is None:
+            models = [("", None)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         totals = {prefix: [0.0, 0.0, 0.0] for prefix, _ in models}  # top1, top5, loss sum
         count = unreadable = 0
         with preserved_rng():
@@ -578,6 +591,8 @@ class Trainer:
                 self._validate(self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch)
             if self._last_saved_step != self.global_step:
                 self.save()
+            if t.weight_avg_strategy != "none":
+                self._validate_weight_average()
         finally:
             stop_request.uninstall()
             self.backend.close()
@@ -593,6 +608,28 @@ class Trainer:
         msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         self.log(f"validation after epoch {epoch} (step {self.global_step}): {msg}")
         return record
+
+    def _validate_weight_average(self) -> None:
+        """Average the saved checkpoints (``train.weight_avg_*``), save the average, validate it once."""
+        import copy
+
+        from ipu_norm.train.weight_avg import average_checkpoints, describe
+
+        t = self.cfg.train
+        weights, path, info = average_checkpoints(
+            self.ckpt_dir, t.weight_avg_strategy, decay=t.weight_avg_exp_decay, last_n=t.weight_avg_N,
+            save=self.is_main,
+        )
+        describe(info, self.log)
+        averaged = copy.deepcopy(self.model)
+        averaged.load_state_dict(weights)
+        metrics = self.evaluate(models=[("", averaged)])
+        epoch = self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch
+        self.metrics.log({"kind": "val_avg", "epoch": epoch, "step": self.global_step, **metrics,
+                          "time_s": time.time()})
+        self._last_validation = {**self._last_validation, **{f"avg_{k}": v for k, v in metrics.items()}}
+        self.log(f"averaged weights ({path.name}): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        barrier(self.dist)  # the averaged checkpoint is on disk before anyone reads it
 
     def _progress(self, epoch: int, start_step: int) -> Any:
         if not (self.is_main and self.cfg.train.progress_bar):

@@ -8,6 +8,8 @@
 #include <memory>
 #include <type_traits>
 
+#include <poplar/Type.hpp>
+
 namespace popops {
 namespace expr {
 
@@ -86,6 +88,15 @@ class Square : public UnaryOp {
 public:
   explicit Square(const Expr &a);
 };
+class Sqrt : public UnaryOp {
+public:
+  explicit Sqrt(const Expr &a);
+};
+class Cast : public Expr {
+public:
+  Cast(const Expr &a, const poplar::Type bType);
+  std::unique_ptr<Expr> clone() const override;
+};
 class Add : public BinaryOp {
 public:
   Add(const Expr &a, const Expr &b);
@@ -97,6 +108,10 @@ public:
 class Mul : public BinaryOp {
 public:
   Mul(const Expr &a, const Expr &b);
+};
+class Divide : public BinaryOp {
+public:
+  Divide(const Expr &a, const Expr &b);
 };
 class Max : public BinaryOp {
 public:

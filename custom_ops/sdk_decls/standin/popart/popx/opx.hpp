@@ -39,6 +39,8 @@ public:
   void setOutTensor(OutIndex index, const poplar::Tensor &tensor) const;
   poplar::Tensor getConst(const poplar::Type &type, const std::vector<size_t> &shape, double val,
                           const std::string &name) const;
+  // Clone the tensor and copy its contents (popart/popx/opx.hpp:104 at sdk/poplar/3.4.0).
+  poplar::Tensor cloneNcopy(poplar::program::Sequence &, const poplar::Tensor &, const std::string name = "") const;
   poplar::DebugContext debugContext(const std::string name = "",
                                     poplar::SourceLocation loc = poplar::SourceLocation::Current()) const;
 
