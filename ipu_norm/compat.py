@@ -15,6 +15,90 @@ def is_compiling() -> bool:
     fn = getattr(compiler, "is_compiling", None)
     if fn is not None:
         return bool(fn())
-    import torch._dynamo  # torch 2.0.x: the same query lives in Dynamo itself
+    from torch import _dynamo  # torch 2.0.x: the same query lives in Dynamo itself
 
-    return bool(torch._dynamo.is_compiling())
+    return bool(_dynamo.is_compiling())
+
+
+def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of the norms of `tensors` (``torch.nn.utils.get_total_norm``, newer than 2.0.1)."""
+    fn = getattr(torch.nn.utils, "get_total_norm", None)
+    if fn is not None:
+        return fn(tensors, norm_type=norm_type)
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors])
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+def mark_optimizer_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """Tell torch's LR schedulers that `optimizer` has stepped although its ``step`` ran elsewhere (on the IPU).
+
+    Newer torch checks ``optimizer._opt_called``; torch 2.0.x checks ``optimizer._step_count >= 1``.
+    """
+    optimizer._opt_called = True  # type: ignore[attr-defined]
+    if getattr(optimizer, "_step_count", 1) < 1:
+        optimizer._step_count = 1  # type: ignore[attr-defined]
+
+
+class FlopCounter:
+    """Forward FLOPs of convolutions and matrix products run inside ``with counter:`` (2 FLOPs per MAC).
+
+    ``torch.utils.flop_counter.FlopCounterMode`` (newer than 2.0.1) where it exists; on torch 2.0.x the same count
+    for the ops a CNN uses (aten convolution, mm, addmm, bmm, baddbmm) through a ``TorchDispatchMode``.
+    """
+
+    def __init__(self) -> None:
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+        except ImportError:
+            self._mode: object = _make_dispatch_flop_counter()()
+        else:
+            self._mode = FlopCounterMode(display=False)
+
+    def __enter__(self) -> FlopCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+    def get_total_flops(self) -> int:
+        """FLOPs counted so far."""
+        return int(self._mode.get_total_flops())
+
+
+def _make_dispatch_flop_counter() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class DispatchFlopCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flops = 0
+
+        def get_total_flops(self) -> int:
+            return self.flops
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            packet = func.overloadpacket
+            if packet is aten.convolution:
+                x, w = args[0], args[1]
+                if args[6]:  # transposed: each input element meets weight[0].numel() weights
+                    self.flops += 2 * x.numel() * w[0].numel()
+                else:
+                    self.flops += 2 * out.numel() * w[0].numel()
+            elif packet is aten.mm:
+                self.flops += 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+            elif packet is aten.addmm:
+                self.flops += 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
+            elif packet is aten.bmm:
+                b, m, k = args[0].shape
+                self.flops += 2 * b * m * k * args[1].shape[2]
+            elif packet is aten.baddbmm:
+                b, m, k = args[1].shape
+                self.flops += 2 * b * m * k * args[2].shape[2]
+            return out
+
+    return DispatchFlopCounter
+

@@ -174,13 +174,13 @@ def forward_flops(model: nn.Module, resolution: int) -> tuple[float, str]:
 
 def count_forward_flops(model: nn.Module, resolution: int) -> float:
     """Forward FLOPs for one image counted by torch's FlopCounterMode (convs, matmuls; no elementwise)."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    from ipu_norm.compat import FlopCounter  # noqa: PLC0415
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(1, 3, resolution, resolution, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     with torch.no_grad(), counter:
         model(x)
     model.train(was_training)

@@ -134,7 +134,7 @@ def unit_flops(model: nn.Module, image_size: int | None = None) -> list[float]:
     Uses ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, 2 FLOPs per MAC); element-wise ops
     are not counted, which is the usual convention for CNN FLOP tables.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from ipu_norm.compat import FlopCounter
 
     meta = _meta_copy(model)
     was_training = meta.training
@@ -143,7 +143,7 @@ def unit_flops(model: nn.Module, image_size: int | None = None) -> list[float]:
     out: list[float] = []
     with torch.no_grad():
         for _, unit in pipeline_units(meta):
-            counter = FlopCounterMode(display=False)
+            counter = FlopCounter()
             with counter:
                 x = unit(x)
             out.append(float(counter.get_total_flops()))

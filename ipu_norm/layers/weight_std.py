@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipu_norm.compat import is_compiling
 from ipu_norm.ops import cpu_kernels
 from ipu_norm.ops.proxy_stats import running_on_ipu
 from ipu_norm.ops.unit_norms import record_grad_norm, record_weight_norm
@@ -193,7 +194,7 @@ def scaled_std_weight(
     """
     eps = _check_form(form, eps)
     out = weight.shape[0]
-    fused = weight.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    fused = weight.dtype in (torch.float32, torch.float64) and not is_compiling()
     if fused and not running_on_ipu():
         return _ScaledStdWeightFn.apply(weight, gain, form, eps, float(gamma))
     return _scaled_std_weight_ops(weight.reshape(out, -1), gain, form, eps, float(gamma)).reshape_as(weight)

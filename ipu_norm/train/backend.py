@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ipu_norm.compat import total_norm
 from ipu_norm.train.distributed import DistInfo
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
@@ -276,7 +277,7 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+    return bool(torch.isfinite(total_norm(grads, norm_type=float("inf"))))
 
 
 def _amp_settings(precision: str, device_type: str) -> tuple[torch.dtype | None, bool]:
