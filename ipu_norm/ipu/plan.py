@@ -230,12 +230,10 @@ def resolve_device(device: str) -> str:
     """'auto' -> 'ipu' when poptorch imports, else 'cuda' when available, else 'cpu'."""
     if device != "auto":
         return device
-    try:
-        import poptorch  # noqa: F401
+    from ipu_norm.ipu.poptorch_adapter import poptorch_installed  # (the adapter imports this module)
 
+    if poptorch_installed():  # a PopTorch that refuses this torch raises its one-line error here
         return "ipu"
-    except ImportError:
-        pass
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -94,9 +94,9 @@ def resolve_device(device: str) -> str:
     """'auto' -> 'ipu' when poptorch imports, else 'cuda' when available, else 'cpu'; others unchanged."""
     if device != "auto":
         return device
-    with contextlib.suppress(ImportError):
-        import poptorch  # noqa: F401
+    from ipu_norm.ipu.poptorch_adapter import poptorch_installed
 
+    if poptorch_installed():  # a PopTorch that refuses this torch raises its one-line error here
         return "ipu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -105,10 +105,12 @@ def get_backend(cfg: Any, dist: DistInfo) -> Backend:
     """The backend for ``cfg.execution.device`` (already resolved, not 'auto')."""
     device = cfg.execution.device
     if device == "ipu":
+        from ipu_norm.ipu.poptorch_adapter import PoplarSDKMissingError, import_poptorch
+
         try:
-            import poptorch  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError(f"poptorch is not importable ({exc}). {IPU_MISSING_HELP}") from None
+            import_poptorch()
+        except PoplarSDKMissingError as exc:
+            raise RuntimeError(str(exc)) from None
         try:
             from ipu_norm.ipu.backend import create_backend as create
         except ImportError as exc:
