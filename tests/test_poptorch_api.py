@@ -376,7 +376,8 @@ def test_static_scan_of_ipu_sources() -> None:
         "poptorch.isRunningOnIpu", "poptorch.DataLoaderMode.Async", "poptorch.optim", "popdist.poptorch.Options",
         "popdist.init", "popdist.getNumTotalReplicas", "poptorch.options._TrainingOptions.gradientAccumulation",
         "poptorch.options._PopartOptions.set", "poptorch.ReductionType.Mean", "poptorch.TensorLocationSettings",
-        "poptorch.TensorLocationSettings.useReplicatedTensorSharding", "poptorch.PoplarExecutor.copyWeightsToHostIfNeeded",
+        "poptorch.TensorLocationSettings.useReplicatedTensorSharding",
+        "poptorch.PoplarExecutor.copyWeightsToHostIfNeeded",
         "poptorch.PoplarExecutor.detachFromDevice", "poptorch.optim.Optimizer.state_dict",
         "poptorch.PoplarExecutor.compile", "poptorch.PoplarExecutor.load_state_dict",
     } <= used
