@@ -65,8 +65,9 @@ from torch import nn
 from ipu_norm.ipu.plan import ExecutionPlan
 
 POPLAR_SDK_MESSAGE = (
-    "execution.device='ipu' needs PopTorch from Graphcore's Poplar SDK, which is not installed here "
-    "(poptorch is not on PyPI: install the SDK, run `source <sdk>/enable.sh` and `pip install <sdk>/poptorch-*.whl`). "
+    "execution.device='ipu' needs PopTorch from Graphcore's Poplar SDK 3.4, which is not installed here "
+    "(poptorch is not on PyPI: in an environment made from requirements-ipu.txt (torch 2.0.1), run "
+    "`source <sdk>/enable.sh` and `pip install <sdk>/poptorch-*.whl`). "
     "To train without IPUs, set execution.device: cpu or cuda (or run with --device cpu)."
 )
 
@@ -83,8 +84,10 @@ SDK_TORCH = "2.0.1"
 SDK_TORCHVISION = "0.15.2"
 
 
-class PoplarSDKMissingError(ImportError):
-    """poptorch (Graphcore's Poplar SDK) could not be imported, or is installed beside a torch it refuses."""
+class PoplarSDKMissingError(ImportError, RuntimeError):
+    """poptorch (Graphcore's Poplar SDK) could not be imported, or is installed beside a torch it refuses.
+
+    Also a RuntimeError: the command line reports RuntimeErrors as one ``error:`` line."""
 
 
 class PoptorchTorchMismatchError(PoplarSDKMissingError):
@@ -96,7 +99,7 @@ def torch_mismatch_message(assertion: str) -> str:
     with torch==X but the version installed is Y")."""
     match = re.search(r"torch==(\S+) but the version installed is (\S+)", assertion)
     needs, has = match.groups() if match else (SDK_TORCH, torch.__version__)
-    return (f"execution.device='ipu': the installed PopTorch (Poplar SDK) needs torch=={needs} but this environment "
+    return (f"the installed PopTorch (Graphcore Poplar SDK) needs torch=={needs} but this environment "
             f"has torch {has}; run IPU jobs in the SDK {SDK_RELEASE} environment (requirements-ipu.txt: torch=="
             f"{SDK_TORCH}, torchvision=={SDK_TORCHVISION}, plus the SDK's poptorch wheel; README 'Running on IPUs'), "
             "or set execution.device: cpu or cuda")
