@@ -9,7 +9,12 @@ Behaviour is pluggable: ``StandIn(impl={"poptorch.trainingModel": make_executor,
 after the call was validated; when it returns an object for a table class (e.g. a CPU executor for
 ``poptorch.PoplarExecutor``), the object is wrapped in a checked proxy so the code under test can use only the
 table's members of that class on it. Default behaviours (identity for BeginBlock / recomputationCheckpoint, the
-reductions of identity_loss, ...) mirror the real functions' outputs on the host.
+reductions of identity_loss, ...) mirror the real functions' outputs on the host; ``poptorch.Options`` keeps the
+values set on it (`OptionsState`).
+
+`standin_with_executors()` adds PopTorch's run-time behaviour (`CpuExecutor`, `IpuSystem`, `StandInOptimizer`):
+executors that acquire and hold IPUs, keep their own copy of the weights and compute what the options say. The
+rules and their sources at the SDK 3.4 tags are tabulated in docs/poptorch_rules.md.
 """
 
 from __future__ import annotations
@@ -675,6 +680,10 @@ class CpuExecutor:
         if not self.attached:
             self.attachToDevice()
         micro = self._narrow(args[0])
+        if self.optimizer is not None and self.optimizer.pending_state is not None:
+            # A state loaded while attached is written before the run (_write_optim_state_dict_if_needed, 1267-1268).
+            self.device_opt.load_state_dict(self.optimizer.pending_state)
+            self.optimizer.pending_state = None
         out = self._train(args, micro) if self.training else self._infer(args[0], micro)
         if self.training:
             self.dirty_host_weights = True

@@ -282,6 +282,29 @@ def test_backend_validates_model_and_ema_through_one_executor() -> None:
     assert s.ipus.held == {}
 
 
+def test_backend_optimizer_state_survives_a_checkpoint() -> None:
+    """Momentum lives on the device: state_dict reads it back, load_state_dict writes it before the next run, so a
+    resumed run continues the same trajectory (and one without the state does not)."""
+    g = torch.Generator().manual_seed(8)
+    first, second = ([(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g))
+                      for _ in range(3)] for _ in range(2))
+    a, model_a, _, _ = _backend_setup()
+    a.train_step(first)
+    a.sync_to_host()
+    weights, state = copy.deepcopy(model_a.state_dict()), copy.deepcopy(a.state_dict())
+    a.train_step(second)
+    a.sync_to_host()
+    for with_state in (True, False):
+        b, model_b, _, _ = _backend_setup()
+        model_b.load_state_dict(weights)
+        if with_state:
+            b.load_state_dict(state)
+        b.train_step(second)
+        b.sync_to_host()
+        same = all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model_a.parameters(), model_b.parameters()))
+        assert same == with_state
+
+
 def test_standin_executors_hold_their_ipus() -> None:
     """PopTorch's connection type Always: an executor acquires its IPUs when it compiles and holds them until
     detachFromDevice; a second one on the same IPUs fails (CompilerImpl.cpp:721-726)."""
