@@ -24,16 +24,76 @@ def is_compiling() -> bool:
 
 
 def flop_counter_mode() -> Any:
-    """A silent ``torch.utils.flop_counter.FlopCounterMode`` (torch >= 2.1; torch 2.0.1 has no FLOP counter).
+    """A silent FLOP counter context (2 FLOPs per MAC of convolutions and matrix products).
 
-    Raises ``RuntimeError`` (one line naming the torch version) under torch 2.0.x, the IPU environment's torch:
-    count FLOPs in the CPU/GPU environment instead; the counts depend on shapes only.
+    ``torch.utils.flop_counter.FlopCounterMode`` (newer than 2.0.1) where it exists; on torch 2.0.x the same count
+    for the ops a CNN uses (aten convolution, mm, addmm, bmm, baddbmm) through a ``TorchDispatchMode``. Both give
+    ``get_total_flops()`` and ``get_flop_counts()`` (``{"Global": {op: flops}}``).
     """
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
-        raise RuntimeError(
-            f"counting FLOPs needs torch.utils.flop_counter (torch >= 2.1), this is torch {torch.__version__}: "
-            "count them in the CPU/GPU environment (the counts depend on shapes only)"
-        ) from None
+        return _make_dispatch_flop_counter()()
     return FlopCounterMode(display=False)
+
+
+def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of the norms of `tensors` (``torch.nn.utils.get_total_norm``, newer than 2.0.1)."""
+    fn = getattr(torch.nn.utils, "get_total_norm", None)
+    if fn is not None:
+        return fn(tensors, norm_type=norm_type)
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors])
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+def mark_optimizer_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """Tell torch's LR schedulers that `optimizer` has stepped although its ``step`` ran elsewhere (on the IPU).
+
+    Newer torch checks ``optimizer._opt_called``; torch 2.0.x checks ``optimizer._step_count >= 1``.
+    """
+    optimizer._opt_called = True  # type: ignore[attr-defined]
+    if getattr(optimizer, "_step_count", 1) < 1:
+        optimizer._step_count = 1  # type: ignore[attr-defined]
+
+
+def _make_dispatch_flop_counter() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class DispatchFlopCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.by_op: dict[Any, int] = {}
+
+        def get_total_flops(self) -> int:
+            return sum(self.by_op.values())
+
+        def get_flop_counts(self) -> dict[str, dict[Any, int]]:
+            return {"Global": dict(self.by_op)}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            packet = func.overloadpacket
+            flops = 0
+            if packet is aten.convolution:
+                x, w = args[0], args[1]
+                if args[6]:  # transposed: each input element meets weight[0].numel() weights
+                    flops = 2 * x.numel() * w[0].numel()
+                else:
+                    flops = 2 * out.numel() * w[0].numel()
+            elif packet is aten.mm:
+                flops = 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]
+            elif packet is aten.addmm:
+                flops = 2 * args[1].shape[0] * args[1].shape[1] * args[2].shape[1]
+            elif packet is aten.bmm:
+                b, m, k = args[0].shape
+                flops = 2 * b * m * k * args[1].shape[2]
+            elif packet is aten.baddbmm:
+                b, m, k = args[1].shape
+                flops = 2 * b * m * k * args[2].shape[2]
+            if flops:
+                self.by_op[packet] = self.by_op.get(packet, 0) + flops
+            return out
+
+    return DispatchFlopCounter

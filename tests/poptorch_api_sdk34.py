@@ -9,7 +9,7 @@ popdist: its sources (graphcore/popdist) are not in the stored repositories; the
 taken from how Graphcore's own applications call it (graphcore/examples, SDK 3.x era) and are marked
 ``verified=False``. They are the part of this table that could still be wrong.
 
-Each entry: ``kind`` (module | class | function | method | property | attribute | enum), ``params`` (the
+Each entry: ``kind`` (module | class | function | method | property | attribute | enum | exception), ``params`` (the
 parameter list in ``lambda`` syntax, ``self`` dropped; defaults are written ``...`` because only the names, their
 order and the ``*args`` / ``**kwargs`` / keyword-only markers matter for conformance), ``returns`` ("self", the
 name of a table class, or None), ``bases`` (table classes whose members are inherited), ``members`` (enum
@@ -73,6 +73,7 @@ API: dict[str, Api] = {
     "poptorch.Options.useIpuModel": Api("method", "use_model", "self", f"{_OPT}:1567"),
     "poptorch.Options.randomSeed": Api("method", "random_seed", "self", f"{_OPT}:1740"),
     "poptorch.Options.setExecutionStrategy": Api("method", "strategy", "self", f"{_OPT}:1408"),
+    "poptorch.Options.connectionType": Api("method", "connection_type", "self", f"{_OPT}:1584"),
     "poptorch.Options.toDict": Api("method", "", None, f"{_OPT}:1871"),
     "poptorch.Options.Training": Api("property", returns=_TRAIN, source=f"{_OPT}:1369"),
     "poptorch.Options.Precision": Api("property", returns=_PREC, source=f"{_OPT}:1361"),
@@ -99,6 +100,7 @@ API: dict[str, Api] = {
     "poptorch.ReductionType": Api("enum", members=("Sum", "Mean", "NoReduction"), source=f"{_ENUMS}:105"),
     "poptorch.OutputMode": Api("enum", members=("Final", "EveryN", "All", "Sum", "Default"), source=f"{_ENUMS}:65"),
     "poptorch.AutoStage": Api("enum", members=("SameAsIpu", "AutoIncrement"), source=f"{_ENUMS}:175"),
+    "poptorch.ConnectionType": Api("enum", members=("Always", "OnDemand", "Never"), source=f"{_ENUMS}:81"),
     "poptorch.DataLoaderMode": Api("enum", members=("Sync", "Async", "AsyncRebatched"), source=f"{_ENUMS}:26"),
     # ------------------------------------------------------------------------------------------- ops
     "poptorch.BeginBlock": Api("function", "layer_to_call, user_id=..., ipu_id=...", source=f"{_OPS}:689"),
@@ -107,6 +109,8 @@ API: dict[str, Api] = {
     "poptorch.custom_op": Api("function", "inputs, name, domain, domain_version, example_outputs, attributes=...",
                               source=f"{_OPS}:787"),
     "poptorch.isRunningOnIpu": Api("function", "", source="python/_impl.py:76 (re-exported in __init__.py)"),
+    # poptorch_core.Error, re-exported (every PopTorch error: createPoptorchError, python/_impl.py:67)
+    "poptorch.Error": Api("exception", source=f"{_INIT}:41"),
     # ------------------------------------------------------------------------------------------- model wrappers
     "poptorch.trainingModel": Api("function", "model, options=..., optimizer=...", "poptorch.PoplarExecutor",
                                   f"{_INIT}:660"),
@@ -117,6 +121,8 @@ API: dict[str, Api] = {
     "poptorch.PoplarExecutor.compile": Api("method", "*args, **kwargs", None, f"{_EXE}:1026"),
     "poptorch.PoplarExecutor.copyWeightsToHost": Api("method", "", None, f"{_EXE}:555"),
     "poptorch.PoplarExecutor.copyWeightsToDevice": Api("method", "", None, f"{_EXE}:577"),
+    "poptorch.PoplarExecutor.copyWeightsToHostIfNeeded": Api("method", "", None, f"{_EXE}:543"),
+    "poptorch.PoplarExecutor.load_state_dict": Api("method", "state_dict, strict=...", None, f"{_EXE}:458"),
     "poptorch.PoplarExecutor.setOptimizer": Api("method", "optimizer", None, f"{_EXE}:631"),
     "poptorch.PoplarExecutor.destroy": Api("method", "", None, f"{_EXE}:1482"),
     "poptorch.PoplarExecutor.isAttachedToDevice": Api("method", "", None, f"{_EXE}:1539"),

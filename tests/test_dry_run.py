@@ -107,7 +107,7 @@ def test_dry_run_with_sdk_compiles_and_does_not_train(capsys: pytest.CaptureFixt
     cfg = load_config(ROOT / "configs" / "tiny_resnet18_gn.yml", overrides=[
         "execution.device=ipu", "execution.pipeline_splits=[blocks.2]", "execution.replicas=1",
         "train.global_batch_size=12", 'execution.memory_check="off"'])
-    s = standin_with_executors(micro=4)
+    s = standin_with_executors()
     assert dry_run(cfg, poptorch=s.poptorch) == 0
     out = capsys.readouterr().out
     (compile_call,) = s.calls("poptorch.PoplarExecutor.compile")

@@ -1,11 +1,13 @@
 """PopTorch adapter: pure option/optimizer translation, applied to the SDK 3.4 table-generated stand-in
 (tests/poptorch_standin.py, which refuses calls the real API would refuse); real-poptorch tests marked `ipu`."""
 
+import copy
+import sys
 import types
 
 import pytest
 import torch
-from poptorch_standin import StandIn, standin_with_executors
+from poptorch_standin import StandIn, standin_with_executors, unwrap
 from tiny_models import TinyNet
 from torch import nn
 
@@ -81,14 +83,14 @@ def test_apply_resolves_refs_and_builds() -> None:
 
 
 def test_create_options_under_poprun(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = standin_with_executors(micro=2, popdist_replicas=4)
+    s = standin_with_executors(popdist_replicas=4)
     monkeypatch.setenv("POPDIST_NUM_TOTAL_REPLICAS", "4")
     monkeypatch.setenv("POPDIST_NUM_IPUS_PER_REPLICA", "2")
     pa.create_options(make_plan(), poptorch=s.poptorch, popdist_module=s.popdist)
     assert s.names()[:3] == ["popdist.init", "popdist.getNumTotalReplicas", "popdist.poptorch.Options"]
     assert s.calls("popdist.poptorch.Options")[0].kwargs == {"ipus_per_replica": 2}
     assert not s.calls("replicationFactor")
-    bad = standin_with_executors(micro=2, popdist_replicas=8)
+    bad = standin_with_executors(popdist_replicas=8)
     with pytest.raises(ValueError, match="poprun runs 8 replicas but execution.replicas=4"):
         pa.create_options(make_plan(), poptorch=bad.poptorch, popdist_module=bad.popdist)
 
@@ -198,7 +200,7 @@ def _backend_setup(monkeypatch=None, **execution):
     from ipu_norm.ipu.backend import PoptorchBackend
     from ipu_norm.train.backend import TrainSpec
 
-    s = standin_with_executors(micro=2)
+    s = standin_with_executors()
     torch.manual_seed(0)
     model = TinyNet()
     ref = TinyNet()
@@ -213,6 +215,7 @@ def _backend_setup(monkeypatch=None, **execution):
 
 def test_backend_step_matches_accumulation() -> None:
     backend, model, ref, s = _backend_setup()
+    before = [p.detach().clone() for p in model.parameters()]
     assert backend.micro_batches_per_step == 3
     # The memory engineer's estimate ran before compilation (a tiny model fits easily).
     assert backend.memory_estimate is None or backend.memory_estimate.fits
@@ -228,6 +231,9 @@ def test_backend_step_matches_accumulation() -> None:
         losses.append(loss.item())
     ref_opt.step()
     assert result.loss == pytest.approx(sum(losses) / 3, rel=1e-6) and result.samples == 6
+    # The step ran on the device copy: the host weights are the old ones until they are copied back.
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    backend.sync_to_host()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
     with pytest.raises(ValueError, match="needs 3 micro-batches"):
@@ -238,30 +244,222 @@ def test_backend_step_matches_accumulation() -> None:
     assert s.log[-1].name == "poptorch.PoplarExecutor.setOptimizer"
     assert [g["lr"] for g in s.log[-1].args[0].param_groups] == [0.05]
     backend.sync_to_host()
-    assert s.calls("copyWeightsToHost")
+    assert s.calls("copyWeightsToHostIfNeeded")
 
 
-def test_backend_eval_pads_and_detaches() -> None:
-    backend, model, _, s = _backend_setup()
+def test_backend_validates_model_and_ema_through_one_executor() -> None:
+    """Model and EMA weights go through ONE inference executor on the IPUs the training executor also uses (two
+    executors would fail to acquire them); each swap is one host->device copy, made by PopTorch itself."""
+    backend, model, _, s = _backend_setup(pipeline_splits=["blocks.2"])  # 2 IPUs; the system has exactly 2
+    ema = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)  # weights that differ from the model's
     g = torch.Generator().manual_seed(4)
     mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(3)]
-    backend.train_step(mbs)
-    x = torch.randn(5, 3, 8, 8)
-    assert model.training
-    logits = backend.eval_step(x)
-    assert model.training  # eval mode only while the inference executable traces/runs
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model.eval()(x))
-    model.train()
-    # The training executable released the IPUs first.
-    assert backend.train_model in [c.owner for c in s.calls("detachFromDevice")]
-    infer = [c.args[0].shape[0] for c in s.calls("PoplarExecutor.__call__") if c.owner is not backend.train_model]
-    assert infer == [2] * 3  # 2 + 2 + (1 padded to 2)
-    s.log.clear()
-    backend.train_step(mbs)
-    backend.eval_step(x)
-    assert s.calls("copyWeightsToDevice")  # new host weights since the last evaluation
+    x = torch.randn(5, 3, 8, 8, generator=g)
+    for _ in range(2):
+        backend.train_step(mbs)
+        backend.sync_to_host()  # as the trainer's evaluate() does first
+        for module in (None, ema):  # the trainer's order: each model over the whole set
+            host = copy.deepcopy(model if module is None else ema).eval()
+            for batch in (x, x[:3]):
+                assert model.training
+                logits = backend.eval_step(batch, module)
+                with torch.no_grad():
+                    torch.testing.assert_close(logits, host(batch))
+    assert len(s.calls("poptorch.inferenceModel")) == 1
+    assert s.ipus.peak == 2  # never more than the 2 IPUs of one replica held at once
+    infer = [c.args[0].shape[0] for c in s.calls("PoplarExecutor.__call__") if c.owner is backend.eval_executor]
+    # 2 stages: 2 device iterations x micro-batch 2 = 4 images a call; 5 = 4 + (1 padded to 4), 3 padded to 4.
+    assert infer == [4, 4, 4] * 4
+    # One copy to the device per swap (model, EMA, twice); the training executor's weights come back once per
+    # evaluation (sync_to_host), and detaching it for the evaluation copies nothing more.
+    assert unwrap(backend.eval_executor).transfers == ["to_device"] * 4
+    assert unwrap(backend.train_model).transfers.count("to_host") == 2
+    assert not s.calls("copyWeightsToDevice") and not s.calls("PoplarExecutor.copyWeightsToHost")
     backend.close()
+    assert s.ipus.held == {}
+
+
+def test_backend_optimizer_state_survives_a_checkpoint() -> None:
+    """Momentum lives on the device: state_dict reads it back, load_state_dict writes it before the next run, so a
+    resumed run continues the same trajectory (and one without the state does not)."""
+    g = torch.Generator().manual_seed(8)
+    first, second = ([(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g))
+                      for _ in range(3)] for _ in range(2))
+    a, model_a, _, _ = _backend_setup()
+    a.train_step(first)
+    a.sync_to_host()
+    weights, state = copy.deepcopy(model_a.state_dict()), copy.deepcopy(a.state_dict())
+    a.train_step(second)
+    a.sync_to_host()
+    for with_state in (True, False):
+        b, model_b, _, _ = _backend_setup()
+        model_b.load_state_dict(weights)
+        if with_state:
+            b.load_state_dict(state)
+        b.train_step(second)
+        b.sync_to_host()
+        same = all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model_a.parameters(), model_b.parameters()))
+        assert same == with_state
+
+
+def test_standin_executors_hold_their_ipus() -> None:
+    """PopTorch's connection type Always: an executor acquires its IPUs when it compiles and holds them until
+    detachFromDevice; a second one on the same IPUs fails (CompilerImpl.cpp:721-726)."""
+    s = standin_with_executors()
+    pt = s.poptorch
+    x = torch.randn(2, 3, 8, 8)
+    first = pt.inferenceModel(pa.InferenceModel(TinyNet()), pt.Options())
+    second = pt.inferenceModel(pa.InferenceModel(TinyNet()), pt.Options())
+    first(x)
+    with pytest.raises(pt.Error, match="Failed to acquire 1 IPU"):
+        second(x)
+    first.detachFromDevice()
+    second(x)
+    with pytest.raises(pt.Error, match="Device is not attached"):
+        first.detachFromDevice()
+    with pytest.raises(pt.Error, match="Failed to acquire 1 IPU"):
+        first(x)  # re-attaching needs the IPUs back
+    with pytest.raises(pt.Error, match="not been compiled"):
+        pt.inferenceModel(pa.InferenceModel(TinyNet()), pt.Options()).copyWeightsToDevice()
+    opts = pt.Options()
+    opts.Training.gradientAccumulation(2)
+    with pytest.raises(pt.Error, match="gradientAccumulation to 1"):
+        pt.inferenceModel(pa.InferenceModel(TinyNet()), opts)
+
+
+def _sgd_reference(model: nn.Module, chunks: list, steps: int, per_step: int, lr: float, reduce_sum: bool = False):
+    """Plain PyTorch: `steps` SGD steps, each on the mean (or sum) of `per_step` micro-batch gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for d in range(steps):
+        opt.zero_grad()
+        for x, y in chunks[d * per_step:(d + 1) * per_step]:
+            loss = nn.functional.cross_entropy(model(x), y)
+            (loss if reduce_sum else loss / per_step).backward()
+            losses.append(loss.item())
+        opt.step()
+    return losses
+
+
+class BatchNormTinyNet(TinyNet):
+    """TinyNet with BatchNorm after the stem: its output depends on the micro-batch, so a wrong accumulation or
+    replication count (a wrong micro-batch size on the device) changes the numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("replicas,iterations", [(1, 1), (2, 2)])
+def test_backend_numerics_follow_the_options(replicas: int, iterations: int) -> None:
+    """What one train_step computes comes from the options the adapter sets (accumulation, replicas, device
+    iterations, Mean reduction, output mode): the stand-in executes them, the reference is plain PyTorch."""
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    s = standin_with_executors()
+    model, ref = BatchNormTinyNet(), BatchNormTinyNet()
+    ref.load_state_dict(model.state_dict())
+    plan = build_plan({"device": "ipu", "precision": "32.32", "replicas": replicas, "device_iterations": iterations},
+                      model, {"micro_batch_size": 2, "global_batch_size": 6 * replicas})
+    backend = PoptorchBackend(poptorch=s.poptorch)
+    backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.2), plan,
+                    TrainSpec(criterion=nn.CrossEntropyLoss()))
+    g = torch.Generator().manual_seed(5)
+    n = backend.micro_batches_per_step
+    assert n == 3 * replicas * iterations
+    mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(n)]
+    result = backend.train_step(mbs)
+    losses = _sgd_reference(ref, mbs, iterations, 3 * replicas, lr=0.2)
+    assert result.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    backend.sync_to_host()
+    for p, q in zip(model.parameters(), ref.parameters()):  # (BN running statistics are per replica on IPUs)
+        torch.testing.assert_close(p, q)
+
+
+def test_standin_reduction_and_output_modes_follow_the_options() -> None:
+    """The stand-in itself: ReductionType Sum/Mean scales the update, OutputMode All/Sum/Final shapes the losses."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    for reduction, mode in [("Mean", "All"), ("Sum", "Sum"), ("Mean", "Final")]:
+        s = standin_with_executors()
+        pt = s.poptorch
+        model, ref = TinyNet(), TinyNet()
+        ref.load_state_dict(model.state_dict())
+        opts = pt.Options()
+        opts.Training.gradientAccumulation(2).accumulationAndReplicationReductionType(getattr(pt.ReductionType,
+                                                                                             reduction))
+        opts.outputMode(getattr(pt.OutputMode, mode))
+        wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=pt)
+        executor = pt.trainingModel(wrapped, opts, pt.optim.SGD(model.parameters(), lr=0.1))
+        out = executor(x, y)
+        losses = _sgd_reference(ref, [(x[:2], y[:2]), (x[2:], y[2:])], 1, 2, lr=0.1, reduce_sum=reduction == "Sum")
+        expected = {"All": torch.tensor(losses), "Sum": torch.tensor(sum(losses)), "Final": torch.tensor(losses[-1:])}
+        torch.testing.assert_close(out, expected[mode])
+        executor.copyWeightsToHost()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q)
+
+
+def test_loss_scaling_keeps_fp16_gradients_from_underflowing() -> None:
+    """16.x: the adapter passes the plan's loss scaling to the optimizer; the stand-in rounds gradients of the
+    scaled loss to fp16, so without it these gradients (~1e-10) vanish and the weights do not move."""
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    g = torch.Generator().manual_seed(7)
+    mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g))]
+
+    def tiny_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 1e-9 * nn.functional.cross_entropy(logits, targets)
+
+    moved = {}
+    for scale in (2.0**24, 1.0):
+        s = standin_with_executors()
+        model = TinyNet()
+        plan = build_plan({"device": "ipu", "precision": "16.32", "loss_scaling": scale}, model,
+                          {"micro_batch_size": 2, "global_batch_size": 2})
+        backend = PoptorchBackend(poptorch=s.poptorch)
+        backend.prepare(model, torch.optim.SGD(model.parameters(), lr=1e8), plan, TrainSpec(criterion=tiny_loss))
+        ref = copy.deepcopy(model).float()  # fp32 reference from the same fp16 weights
+        before = [p.detach().float().clone() for p in model.parameters()]
+        backend.train_step(mbs)
+        backend.sync_to_host()
+        opt = torch.optim.SGD(ref.parameters(), lr=1e8)
+        tiny_loss(ref(mbs[0][0]), mbs[0][1]).backward()
+        opt.step()
+        moved[scale] = max(float((p.float() - b).abs().max()) for p, b in zip(model.parameters(), before))
+        if scale > 1:
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p.float(), q.half().float(), atol=2e-3, rtol=2e-3)
+    assert moved[2.0**24] > 0.01 and moved[1.0] == 0.0
+
+
+def test_poptorch_version_assertion_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``import poptorch`` asserts the torch it was built for (python/__init__.py:20); the adapter and
+    resolve_device turn that into one line naming the SDK and its torch; a missing SDK still means cpu/cuda."""
+    from ipu_norm.ipu.plan import resolve_device
+
+    s = standin_with_executors()
+    s.install(monkeypatch)
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cpu")
+    with pytest.raises(pa.PoptorchTorchMismatchError) as info:
+        pa.import_poptorch()
+    message = str(info.value)
+    assert "\n" not in message and "torch==2.0.1" in message and "2.14.1+cpu" in message
+    assert "Poplar SDK" in message and "requirements-ipu.txt" in message
+    with pytest.raises(pa.PoptorchTorchMismatchError, match="needs torch==2.0.1"):
+        resolve_device("auto")
+    monkeypatch.setattr(torch, "__version__", "2.0.1+cu117")
+    assert pa.import_poptorch().Options is not None  # the SDK's torch: imports
+    assert resolve_device("auto") == "ipu"
+    monkeypatch.setitem(sys.modules, "poptorch", None)  # no SDK at all
+    with pytest.raises(pa.PoplarSDKMissingError, match="not on PyPI"):
+        pa.import_poptorch()
+    assert resolve_device("auto") in ("cpu", "cuda")
 
 
 def test_backend_refuses_agc() -> None:
@@ -295,7 +493,7 @@ def test_trainer_end_to_end_on_fake_poptorch(monkeypatch: pytest.MonkeyPatch, tm
     from ipu_norm.config.loader import load_config
     from ipu_norm.train.trainer import train
 
-    s = standin_with_executors(micro=4)
+    s = standin_with_executors()
     monkeypatch.setitem(sys.modules, "poptorch", s.poptorch)
     cfg = load_config("configs/tiny_resnet18_gn.yml", overrides=[
         "execution.device=ipu", "execution.pipeline_splits=[blocks.2]", "execution.replicas=1",
@@ -341,7 +539,7 @@ def test_backend_refuses_plan_over_ipu_memory_before_compiling() -> None:
     huge = {"micro_batch_size": 200_000, "global_batch_size": 200_000}  # ~GBs of activations for TinyNet
     for mode in ("error", "warn"):
         cfg = types.SimpleNamespace(execution=types.SimpleNamespace(memory_check=mode), optim=None)
-        backend = PoptorchBackend(cfg=cfg, poptorch=standin_with_executors(micro=2).poptorch)
+        backend = PoptorchBackend(cfg=cfg, poptorch=standin_with_executors().poptorch)
         model = TinyNet()
         plan = build_plan({"device": "ipu"}, model, huge)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -371,7 +569,7 @@ def test_poprun_instances_shard_data_without_a_process_group(monkeypatch: pytest
     assert (info.enabled, info.rank, info.world_size, info.is_main) == (False, 1, 2, False)
     assert init_distributed("cpu").world_size == 1  # torchrun's variables decide on CPU/GPU, not poprun's
 
-    s = standin_with_executors(micro=4, popdist_replicas=2)
+    s = standin_with_executors(popdist_replicas=2)
     monkeypatch.setitem(sys.modules, "popdist", s.popdist)
     monkeypatch.setitem(sys.modules, "popdist.poptorch", s.popdist.poptorch)
     monkeypatch.setitem(sys.modules, "poptorch", s.poptorch)

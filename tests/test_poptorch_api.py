@@ -36,7 +36,7 @@ SCANNED = sorted((ROOT / "ipu_norm" / "ipu").glob("*.py")) + [
     ROOT / "ipu_norm" / "ops" / "proxy_stats_ipu.py",
     ROOT / "ipu_norm" / "ops" / "proxy_stats.py",
 ]
-KINDS = {"module", "class", "function", "method", "property", "attribute", "enum"}
+KINDS = {"module", "class", "function", "method", "property", "attribute", "enum", "exception"}
 
 
 def test_table_is_well_formed() -> None:
@@ -178,7 +178,7 @@ def test_backend_lifecycle_conforms() -> None:
     from ipu_norm.ipu.backend import PoptorchBackend
     from ipu_norm.train.backend import TrainSpec
 
-    s = standin_with_executors(micro=2)
+    s = standin_with_executors()
     model = TinyNet()
     plan = build_plan({"device": "ipu", "precision": "32.32", "pipeline_splits": ["blocks.2"]}, model,
                       {"micro_batch_size": 2, "global_batch_size": 6})
@@ -194,7 +194,8 @@ def test_backend_lifecycle_conforms() -> None:
     backend.close()
     called = _walk_log(s)
     assert {"poptorch.trainingModel", "poptorch.inferenceModel", "poptorch.PoplarExecutor.__call__",
-            "poptorch.PoplarExecutor.setOptimizer", "poptorch.PoplarExecutor.copyWeightsToHost",
+            "poptorch.PoplarExecutor.load_state_dict", "poptorch.PoplarExecutor.detachFromDevice",
+            "poptorch.PoplarExecutor.setOptimizer", "poptorch.PoplarExecutor.copyWeightsToHostIfNeeded",
             "poptorch.optim.Optimizer.state_dict", "poptorch.optim.Optimizer.load_state_dict"} <= called
 
 
@@ -219,6 +220,7 @@ SELF_ROOTS = {"poptorch": "poptorch", "_poptorch": "poptorch"}
 OPTIMIZERS = ("poptorch.optim.SGD", "poptorch.optim.RMSprop", "poptorch.optim.AdamW")
 RECEIVERS = {
     "self.train_model": ("poptorch.PoplarExecutor",),
+    "self.eval_executor": ("poptorch.PoplarExecutor",),
     "backend.train_model": ("poptorch.PoplarExecutor",),
     "executor": ("poptorch.PoplarExecutor",),
     "e": ("poptorch.PoplarExecutor",),
@@ -377,9 +379,10 @@ def test_static_scan_of_ipu_sources() -> None:
         "poptorch.isRunningOnIpu", "poptorch.DataLoaderMode.Async", "poptorch.optim", "popdist.poptorch.Options",
         "popdist.init", "popdist.getNumTotalReplicas", "poptorch.options._TrainingOptions.gradientAccumulation",
         "poptorch.options._PopartOptions.set", "poptorch.ReductionType.Mean", "poptorch.TensorLocationSettings",
-        "poptorch.TensorLocationSettings.useReplicatedTensorSharding", "poptorch.PoplarExecutor.copyWeightsToHost",
+        "poptorch.TensorLocationSettings.useReplicatedTensorSharding",
+        "poptorch.PoplarExecutor.copyWeightsToHostIfNeeded",
         "poptorch.PoplarExecutor.detachFromDevice", "poptorch.optim.Optimizer.state_dict",
-        "poptorch.PoplarExecutor.compile",
+        "poptorch.PoplarExecutor.compile", "poptorch.PoplarExecutor.load_state_dict",
     } <= used
 
 

@@ -142,17 +142,10 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 def unit_flops(model: nn.Module, image_size: int | None = None) -> list[float]:
     """Forward FLOPs of each pipeline unit for one image, counted on the meta device.
 
-    Uses ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, 2 FLOPs per MAC); element-wise ops
+    Uses ``ipu_norm.compat.flop_counter_mode`` (convolutions and matmuls, 2 FLOPs per MAC); element-wise ops
     are not counted, which is the usual convention for CNN FLOP tables.
     """
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError as exc:  # torch 2.0.x (PopTorch 3.4's torch) has no FLOP counter
-        raise RuntimeError(
-            f"FLOP-balanced pipeline splitting needs torch.utils.flop_counter (torch >= 2.1; this is torch "
-            f"{torch.__version__}): give execution.pipeline_splits explicitly, or print them with "
-            "`python -m ipu_norm.ipu --model ... --ipus N` in an environment with a newer torch"
-        ) from exc
+    from ipu_norm.compat import flop_counter_mode
 
     meta = _meta_copy(model)
     was_training = meta.training
@@ -161,7 +154,7 @@ def unit_flops(model: nn.Module, image_size: int | None = None) -> list[float]:
     out: list[float] = []
     with torch.no_grad():
         for _, unit in pipeline_units(meta):
-            counter = FlopCounterMode(display=False)
+            counter = flop_counter_mode()
             with counter:
                 x = unit(x)
             out.append(float(counter.get_total_flops()))

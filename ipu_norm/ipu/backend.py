@@ -13,12 +13,20 @@ missing SDK gives `PoplarSDKMissingError` with instructions.
 Not supported on IPU by this backend (it raises at `prepare`): exact (``optim.agc_scope: step``) Adaptive Gradient
 Clipping (it needs per-unit clipping of the accumulated gradient inside the device's optimizer step, which
 poptorch.optim does not offer); ``agc_scope: micro_batch`` runs in the model's graph (ipu_norm.ops.agc_micro).
-Evaluation runs on the IPU through ``poptorch.inferenceModel``; partial batches are padded to the compiled batch
-size so the executable is not recompiled.
+
+Evaluation runs on the IPU through ONE ``poptorch.inferenceModel`` executor, whatever the number of models evaluated
+(the trained model, its EMA average): PopTorch's default connection type (Always) makes an executor acquire its IPUs
+at compile and hold them until ``detachFromDevice``, so a second executor over the same IPUs fails with "Failed to
+acquire N IPU(s)". The executor wraps the backend's own eval copy of the model; `eval_step` swaps the weights of
+the model to evaluate into it with the executor's ``load_state_dict`` (host load, then a copy to the device if
+attached -- otherwise attaching copies them). Weight transfers are PopTorch's own: detaching the training executor
+copies its weights to the host, attaching an executor copies the host weights to the device; the backend adds none
+on top. Partial batches are padded to the compiled batch size so the executable is not recompiled.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipu_norm.compat import mark_optimizer_stepped
 from ipu_norm.core.plan import ExecutionPlan
 from ipu_norm.ipu import poptorch_adapter as pa
 
@@ -69,8 +78,9 @@ class PoptorchBackend:
         self.optimizer: torch.optim.Optimizer | None = None  # the trainer's (its LR schedule drives ours)
         self.ipu_optimizer: Any = None
         self.train_model: Any = None
-        self._eval_models: dict[int, tuple[Any, int]] = {}  # id(module) -> (executor, host generation copied)
-        self._generation = 0
+        self.eval_model: nn.Module | None = None  # the eval copy the inference executor runs
+        self.eval_executor: Any = None
+        self._eval_loaded: nn.Module | None = None  # whose weights eval_model holds since the last sync_to_host
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------------------------ setup
@@ -94,6 +104,11 @@ class PoptorchBackend:
         self.model, self.plan, self.optimizer = model, plan, optimizer
         self.memory_estimate = self._check_memory(model, plan)
         pa.cast_model_for_precision(model, plan)
+        # The inference executor's own copy (taken before PopTorch wraps the model): the weights of whichever model
+        # is evaluated are loaded into it, so one executor serves the model and its EMA.
+        self.eval_model = copy.deepcopy(model).eval()
+        self.eval_model.requires_grad_(False)
+        pa.annotate_model(self.eval_model, plan, self.poptorch, for_inference=True)
         self._hooks = pa.annotate_model(model, plan, self.poptorch)
         options = pa.create_options(plan, poptorch=self.poptorch)
         name, hparams = _optimizer_name_and_hparams(optimizer)
@@ -130,11 +145,6 @@ class PoptorchBackend:
 
     # ------------------------------------------------------------------------------------ steps
 
-    def _detach_eval_models(self) -> None:
-        for executor, _ in self._eval_models.values():
-            if executor.isAttachedToDevice():
-                executor.detachFromDevice()
-
     def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         """One PopTorch call over `micro_batches_per_step` micro-batches; returns their mean loss."""
         step_result, _ = _train_types()
@@ -146,37 +156,36 @@ class PoptorchBackend:
                 f"local replicas {self.local_replicas()} x device iterations {self.plan.device_iterations}), got "
                 f"{len(micro_batches)}; the trainer should pass backend.micro_batches_per_step micro-batches"
             )
-        self._detach_eval_models()  # free the IPUs for the training executable (it re-attaches on call)
+        if self.eval_executor is not None and self.eval_executor.isAttachedToDevice():
+            self.eval_executor.detachFromDevice()  # free the IPUs; the training executor re-attaches when called
         images = torch.cat([x for x, _ in micro_batches])
         targets = torch.cat([y for _, y in micro_batches])
         losses = self.train_model(images, targets)
-        self._generation += 1
         if self.optimizer is not None:
-            # The update ran on the device; tell torch's LR scheduler the (host) optimizer has stepped so it does
-            # not warn about scheduler.step() before optimizer.step() (torch checks this private flag).
-            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            # The update ran on the device; tell torch's LR scheduler the (host) optimizer has stepped.
+            mark_optimizer_stepped(self.optimizer)
         return step_result(loss=float(torch.as_tensor(losses).float().mean()), samples=int(images.shape[0]))
 
     @torch.no_grad()
     def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """fp32 logits from ``poptorch.inferenceModel`` of `model` (default: the trained model)."""
-        assert self.plan is not None and self.model is not None
-        module = model if model is not None else self.model
+        """fp32 logits of `model` (default: the trained model) from the one ``poptorch.inferenceModel`` executor.
+
+        The weights of `model` are swapped in at its first batch after `sync_to_host` (the trainer syncs at the
+        start of every evaluation), and whenever the evaluated model changes: evaluate each model over the whole
+        set in turn, not alternately per batch, or every batch pays a weight swap.
+        """
+        assert self.plan is not None and self.model is not None and self.eval_model is not None
+        source = model if model is not None else self.model
         if self.train_model is not None and self.train_model.isAttachedToDevice():
-            self.train_model.detachFromDevice()  # PopTorch copies weights and optimizer state to host first
-        key = id(module)
-        # PopTorch traces at the first call (compilation): the module must be in eval mode then. Its wrapper is a
-        # shallow copy sharing submodules, so restore the caller's mode afterwards.
-        was_training = module.training
-        module.eval()
-        if key not in self._eval_models:
+            self.train_model.detachFromDevice()  # PopTorch copies weights and optimizer state to the host first
+        if self.eval_executor is None:
             opts = pa.create_options(self.plan, for_inference=True, poptorch=self.poptorch)
-            executor = self.poptorch.inferenceModel(pa.InferenceModel(module, self.plan.precision.compute_dtype), opts)
-            self._eval_models[key] = (executor, self._generation)
-        executor, copied = self._eval_models[key]
-        if copied != self._generation:
-            executor.copyWeightsToDevice()  # host weights (trained / EMA) changed since the last evaluation
-            self._eval_models[key] = (executor, self._generation)
+            wrapped = pa.InferenceModel(self.eval_model, self.plan.precision.compute_dtype)
+            self.eval_executor = self.poptorch.inferenceModel(wrapped, opts)
+        if self._eval_loaded is not source:
+            # Host load; PopTorch copies to the device now if attached, else when the call below attaches/compiles.
+            self.eval_executor.load_state_dict(source.state_dict(prefix="model."))
+            self._eval_loaded = source
         # One inference call consumes micro-batch x local replicas x device iterations images; pad to that size so
         # a short last batch does not trigger a recompilation, then drop the padding.
         per_call = self.plan.micro_batch_size * self.local_replicas() * self.plan.inference_device_iterations
@@ -187,15 +196,15 @@ class PoptorchBackend:
             pad = per_call - chunk.shape[0]
             if pad:
                 chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
-            outs.append(executor(chunk)[: per_call - pad])
-        module.train(was_training)
+            outs.append(self.eval_executor(chunk)[: per_call - pad])
         return torch.cat(outs).float()
 
     def sync_to_host(self) -> None:
-        """Copy the IPU weights into the host module (before EMA updates, evaluation and checkpoints)."""
+        """Bring the IPU weights into the host module (before EMA updates, evaluation and checkpoints); a no-op when
+        the host already has them (after a detach). The next `eval_step` swaps fresh weights in."""
         if self.train_model is not None and self.train_model.isCompiled():
-            self.train_model.copyWeightsToHost()
-        self._generation += 1
+            self.train_model.copyWeightsToHostIfNeeded()
+        self._eval_loaded = None
 
     def lr_changed(self) -> None:
         """Push the trainer's scheduled learning rates to the device optimizer."""
@@ -216,15 +225,10 @@ class PoptorchBackend:
             self.train_model.setOptimizer(self.ipu_optimizer)
 
     def close(self) -> None:
-        """Copy weights back and release the IPUs."""
-        executors = [e for e, _ in self._eval_models.values()]
-        if self.train_model is not None:
-            executors.append(self.train_model)
-        if self.train_model is not None and self.train_model.isCompiled():
-            self.train_model.copyWeightsToHost()
-        for e in executors:
-            if e.isCompiled() and e.isAttachedToDevice():
-                e.detachFromDevice()
+        """Release the IPUs (detaching the training executor copies its weights to the host first)."""
+        for executor in (self.eval_executor, self.train_model):
+            if executor is not None and executor.isAttachedToDevice():
+                executor.detachFromDevice()
         for h in self._hooks:
             h.remove()
         self._hooks = []

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ipu_norm.compat import is_compiling
 from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
 from ipu_norm.ops.cpu_kernels import (
     fused_pn_act_applies,
@@ -97,7 +98,7 @@ def _param_key(params: tuple[torch.Tensor, ...]) -> tuple:
 
 
 def _batching_active() -> bool:
-    return _BATCHING["enabled"] and not torch.compiler.is_compiling() and not uses_plain_ops()
+    return _BATCHING["enabled"] and not is_compiling() and not uses_plain_ops()
 
 
 class ProxyStatsMixin:

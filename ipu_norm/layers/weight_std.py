@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipu_norm.compat import is_compiling
 from ipu_norm.ops import cpu_kernels
 from ipu_norm.ops.agc_micro import MicroBatchAGC
 from ipu_norm.ops.proxy_stats import uses_plain_ops
@@ -194,7 +195,7 @@ def scaled_std_weight(
     """
     eps = _check_form(form, eps)
     out = weight.shape[0]
-    fused = weight.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    fused = weight.dtype in (torch.float32, torch.float64) and not is_compiling()
     if fused and not uses_plain_ops():
         return _ScaledStdWeightFn.apply(weight, gain, form, eps, float(gamma))
     return _scaled_std_weight_ops(weight.reshape(out, -1), gain, form, eps, float(gamma)).reshape_as(weight)

@@ -12,8 +12,8 @@ module counts no backward FLOPs.
 
 The count runs the model once through `torch.func.functional_call` with every parameter and buffer
 replaced by a meta tensor of the same shape, so it costs no memory or compute even for 500M-parameter
-models and leaves the model untouched. torch 2.0.1 (the IPU environment) has no FLOP counter:
-`count_flops` then raises one line saying so (``ipu_norm.compat.flop_counter_mode``).
+models and leaves the model untouched. torch 2.0.1 (the IPU environment) has no FlopCounterMode:
+``ipu_norm.compat.flop_counter_mode`` then counts the same ops itself.
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from ipu_norm.compat import is_compiling
+
 _SRCS = tuple(
     Path(__file__).with_name("csrc") / f
     for f in ("pn_act_cpu.c", "proxy_stats_cpu.c", "gn_act_cpu.c", "bn_act_cpu.c", "ws_cpu.c")
@@ -117,7 +119,7 @@ def _cpu_kernel_applies(u: torch.Tensor) -> bool:
     # Where the single-threaded C kernels of this module may replace ATen's ops on u (see the module docstring).
     # Called once per layer and step: cheap attribute checks only (u.is_cpu, not u.device.type, which builds a
     # device object).
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return False  # an opaque ctypes call: torch.compile generates its own fused kernel for the ATen ops
     return (
         u.is_cpu

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ipu_norm.compat import is_compiling
 from ipu_norm.ops.cpu_kernels import cpu_proxy_stats_applies, cpu_proxy_stats_backward, cpu_proxy_stats_forward
 
 # ipu_norm.layers imports this module (proxy_norm.py), so ipu_norm.layers.activations is imported lazily
@@ -51,6 +52,44 @@ PROXY_ACTS = ("relu", "silu", "gelu", "identity")
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class _Torch20Op:
+    """torch 2.0.x (PopTorch 3.4) has no ``torch.library.custom_op``: the same forward, backward and setup as one
+    ``torch.autograd.Function`` (the fake impl only serves torch.compile). Minimal guard until this module is
+    rewritten in plain ATen (issue 17)."""
+
+    def __init__(self, fn):  # noqa: ANN001
+        self.fn, self.backward, self.setup = fn, None, None
+
+    def register_fake(self, fn):  # noqa: ANN001, ANN201
+        return fn
+
+    def register_autograd(self, backward, setup_context):  # noqa: ANN001, ANN201
+        self.backward, self.setup = backward, setup_context
+
+    def __call__(self, *args):  # noqa: ANN002, ANN204
+        return _Torch20Function.apply(self, *args)
+
+
+class _Torch20Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, *args):  # noqa: ANN001, ANN002, ANN205
+        out = op.fn(*args)
+        ctx.op = op
+        if op.setup is not None:
+            op.setup(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN002, ANN205
+        return (None, *ctx.op.backward(ctx, *grads))
+
+
+def _custom_op(name: str, mutates_args: tuple = ()):  # noqa: ANN202
+    if hasattr(torch.library, "custom_op"):
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return _Torch20Op
 
 
 @functools.lru_cache(maxsize=8)
@@ -181,7 +220,7 @@ def _proxy_u(
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off for this device type (a no-op where the device has no autocast)."""
-    if torch.amp.is_autocast_available(device_type):
+    if device_type in ("cpu", "cuda"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -222,7 +261,7 @@ def _moments(zc: torch.Tensor, d1: torch.Tensor | float, q: torch.Tensor) -> tor
     return torch.stack([ed.sum(dim=1), d1.sum(dim=1), torch.mv(ed, q), torch.mv(d1, q)])
 
 
-@torch.library.custom_op("ipu_norm::proxy_stats", mutates_args=())
+@_custom_op("ipu_norm::proxy_stats", mutates_args=())
 def _proxy_stats_op(
     gamma: torch.Tensor,
     beta: torch.Tensor,
@@ -298,7 +337,7 @@ def _param_grads(
     return torch.addcmul(proxy_beta * s0, 1.0 + proxy_gamma, sq), s0, gamma * sq, gamma * s0
 
 
-@torch.library.custom_op("ipu_norm::proxy_stats_backward", mutates_args=())
+@_custom_op("ipu_norm::proxy_stats_backward", mutates_args=())
 def _proxy_stats_backward_op(
     grad_mean: torch.Tensor,
     grad_var: torch.Tensor,
@@ -348,7 +387,7 @@ def _backward_forward(ctx, grad_mean, grad_var, _grad_moments):  # noqa: ANN001,
     grad_var = torch.zeros_like(gamma) if grad_var is None else grad_var.to(gamma.dtype)
     if torch.is_grad_enabled():
         # create_graph: the backward op, which recomputes from the inputs and has an analytic backward of its own.
-        grads = torch.ops.ipu_norm.proxy_stats_backward(
+        grads = _proxy_stats_backward_op(
             grad_mean, grad_var, gamma, beta, proxy_gamma, proxy_beta, ctx.act, ctx.num_quantiles
         )
         return (*grads, None, None)
@@ -414,8 +453,6 @@ _proxy_stats_backward_op.register_autograd(_backward_backward, setup_context=_se
 
 def running_on_ipu() -> bool:
     """True while PopTorch traces the model for the IPU; never imports poptorch itself."""
-    from ipu_norm.compat import is_compiling
-
     if is_compiling():
         # torch.compile (dynamo) never runs under PopTorch; also keeps this branch out of the graph.
         return False
@@ -479,5 +516,5 @@ def proxy_stats(
     # The casts must stay fp32 even when called inside torch.autocast(bf16/fp16).
     with _no_autocast(gamma.device.type):
         args = tuple(t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta))
-        mean, var, _ = torch.ops.ipu_norm.proxy_stats(*args, act_name, num_quantiles)
+        mean, var, _ = _proxy_stats_op(*args, act_name, num_quantiles)
         return mean, var

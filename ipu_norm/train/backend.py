@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipu_norm.compat import total_norm
 from ipu_norm.core.backend import (
     Backend,
     MicroBatch,
@@ -181,7 +182,7 @@ def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+    return bool(torch.isfinite(total_norm(grads, norm_type=float("inf"))))
 
 
 def _amp_settings(precision: str, device_type: str) -> tuple[torch.dtype | None, bool]:

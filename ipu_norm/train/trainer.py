@@ -437,16 +437,19 @@ class Trainer:
             models = [("", None)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         totals = {prefix: [0.0, 0.0, 0.0] for prefix, _ in models}  # top1, top5, loss sum
         count = unreadable = 0
-        with preserved_rng():
-            self.val_loader.sampler.set_epoch(0)
-            for images, labels in self.val_loader:
-                images = self.device_input(images)
-                # Stand-ins for unreadable files carry IGNORE_TARGET: out of the count (never correct in
-                # topk_correct, ignored by cross_entropy's default ignore_index).
-                bad = int((labels == IGNORE_TARGET).sum())
-                unreadable += bad
-                count += labels.shape[0] - bad
-                for prefix, module in models:
+        # One model at a time over the whole set: the IPU backend swaps each model's weights into its one inference
+        # executor once per evaluation, not once per batch.
+        for prefix, module in models:
+            with preserved_rng():
+                self.val_loader.sampler.set_epoch(0)
+                for images, labels in self.val_loader:
+                    images = self.device_input(images)
+                    if prefix == models[0][0]:
+                        # Stand-ins for unreadable files carry IGNORE_TARGET: out of the count (never correct in
+                        # topk_correct, ignored by cross_entropy's default ignore_index).
+                        bad = int((labels == IGNORE_TARGET).sum())
+                        unreadable += bad
+                        count += labels.shape[0] - bad
                     logits = self.backend.eval_step(images, module).cpu()
                     c1, c5 = topk_correct(logits, labels, (1, 5))
                     loss = nn.functional.cross_entropy(logits, labels, reduction="sum").item()
