@@ -39,14 +39,20 @@ def test_register_backend_is_used_by_name(monkeypatch: pytest.MonkeyPatch) -> No
     assert core_backend.get_backend(_cfg("fake"), DistInfo()) == "backend" and len(made) == 1
 
 
-def test_poptorch_version_assertion_means_not_importable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """PopTorch 3.4 asserts torch==2.0.1 at import: 'auto' then falls back, and device ipu says why in one line."""
-    (tmp_path / "poptorch.py").write_text('assert False, "This version of PopTorch only works with torch==2.0.1"\n')
+def test_poptorch_version_assertion_is_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """PopTorch 3.4 asserts torch==2.0.1 at import: an installed SDK that cannot run here is an error (one line naming
+    the torch it needs), for 'auto' and for device ipu alike; explicit cpu is untouched."""
+    from ipu_norm.core.sdk import PoptorchTorchMismatchError
+
+    (tmp_path / "poptorch.py").write_text(
+        'assert False, "This version of PopTorch only works with torch==2.0.1 but the version installed is 9.9"\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "poptorch", raising=False)
-    assert core_backend.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(RuntimeError, match=r"poptorch is not importable \(AssertionError: This version of PopTorch"):
+    with pytest.raises(PoptorchTorchMismatchError, match=r"needs torch==2\.0\.1 but this environment has torch 9\.9"):
+        core_backend.resolve_device("auto")
+    with pytest.raises(RuntimeError, match=r"needs torch==2\.0\.1") as info:
         core_backend.get_backend(_cfg("ipu"), DistInfo())
+    assert "\n" not in str(info.value)
     assert core_backend.resolve_device("cpu") == "cpu"
 
 

@@ -12,7 +12,7 @@ from tiny_models import TinyNet
 from torch import nn
 
 from ipu_norm.ipu import poptorch_adapter as pa
-from ipu_norm.ipu.plan import build_plan
+from ipu_norm.core.plan import build_plan
 
 
 def make_plan(**execution):
@@ -441,7 +441,7 @@ def test_loss_scaling_keeps_fp16_gradients_from_underflowing() -> None:
 def test_poptorch_version_assertion_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """``import poptorch`` asserts the torch it was built for (python/__init__.py:20); the adapter and
     resolve_device turn that into one line naming the SDK and its torch; a missing SDK still means cpu/cuda."""
-    from ipu_norm.ipu.plan import resolve_device
+    from ipu_norm.core.backend import resolve_device
 
     s = standin_with_executors()
     s.install(monkeypatch)

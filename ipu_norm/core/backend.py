@@ -32,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ipu_norm.core.sdk import import_poptorch, poptorch_installed
+
 MicroBatch = tuple[torch.Tensor, torch.Tensor]
 BackendFactory = Callable[[Any, Any], "Backend"]
 
@@ -99,21 +101,11 @@ def registered_backends() -> list[str]:
     return sorted(set(_FACTORIES) | set(PROVIDERS))
 
 
-def poptorch_import_error() -> str | None:
-    """None when ``import poptorch`` succeeds, else why it failed. PopTorch 3.4 raises AssertionError (not ImportError)
-    when torch is not the 2.0.1 it was built for; that counts as not importable."""
-    try:
-        import poptorch  # noqa: F401
-    except (ImportError, AssertionError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def resolve_device(device: str) -> str:
     """'auto' -> 'ipu' when poptorch imports, else 'cuda' when available, else 'cpu'; other names unchanged."""
     if device != "auto":
         return device
-    if poptorch_import_error() is None:
+    if poptorch_installed():  # a PopTorch that refuses this torch raises its one-line error here
         return "ipu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -133,7 +125,5 @@ def get_backend(cfg: Any, dist: Any) -> Backend:
         if device not in _FACTORIES:
             raise RuntimeError(f"{provider} did not register a backend for execution.device={device!r}")
     if device == "ipu":
-        why = poptorch_import_error()
-        if why is not None:
-            raise RuntimeError(f"poptorch is not importable ({why}). {IPU_MISSING_HELP}")
+        import_poptorch()  # PoplarSDKMissingError (a RuntimeError too): one line saying what to do
     return _FACTORIES[device](cfg, dist)
