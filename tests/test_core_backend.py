@@ -10,7 +10,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 from ipu_norm.core import backend as core_backend
 from ipu_norm.train.backend import TorchBackend

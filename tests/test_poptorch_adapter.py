@@ -11,8 +11,8 @@ from poptorch_standin import StandIn, standin_with_executors, unwrap
 from tiny_models import TinyNet
 from torch import nn
 
-from ipu_norm.ipu import poptorch_adapter as pa
 from ipu_norm.core.plan import build_plan
+from ipu_norm.ipu import poptorch_adapter as pa
 
 
 def make_plan(**execution):

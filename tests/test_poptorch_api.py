@@ -26,8 +26,8 @@ from tiny_models import TinyNet
 from torch import nn
 
 from ipu_norm.config.loader import load_config
-from ipu_norm.ipu import poptorch_adapter as pa
 from ipu_norm.core.plan import build_plan
+from ipu_norm.ipu import poptorch_adapter as pa
 from ipu_norm.train.builders import build_model, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

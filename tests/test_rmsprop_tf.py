@@ -117,9 +117,9 @@ def test_bad_hyperparameters_name_the_culprit() -> None:
 
 
 def test_config_builds_rmsprop_tf_and_maps_to_poptorch() -> None:
+    from ipu_norm.core.plan import build_plan
     from ipu_norm.ipu import poptorch_adapter as pa
     from ipu_norm.ipu.backend import _optimizer_name_and_hparams
-    from ipu_norm.core.plan import build_plan
 
     cfg = load_config(
         None,
