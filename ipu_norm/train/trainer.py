@@ -670,7 +670,8 @@ class Trainer:
         self._record(record)
         self._last_validation = record
         msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        self.log(f"validation after epoch {epoch + 1} (step {self.global_step}): {msg}")
+        when = f"after epoch {epoch + 1}" if self.batch_in_epoch == 0 else f"in epoch {epoch + 1}"
+        self.log(f"validation {when} (step {self.global_step}): {msg}")
         return record
 
     def close(self) -> None:
