@@ -8,7 +8,7 @@ A run directory (``train.output_dir``) holds ``run.json`` (the run id), ``config
   ``<dir>.old-<date>-<time>`` beside it, nothing is deleted).
 - Every checkpoint carries the run id. ``--resume`` refuses a checkpoint of another run than the one in the output
   directory, and a checkpoint whose run had a different config (apart from the keys in :data:`RESUME_MAY_CHANGE`:
-  step cap, logging, workers, paths), unless ``--resume-any`` is given.
+  epochs, step cap, logging, workers, paths), unless ``--resume-any`` is given.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ RUN_INFO = "run.json"
 RUN_MARKERS = (RUN_INFO, "config.yaml", "metrics.jsonl", "final_metrics.json", "checkpoints")
 
 # Config keys (dotted; a trailing '.' = the whole section) that may differ between a checkpoint's run and the run
-# that resumes it: they change how the run is watched, capped, stored or fed, not what it computes.
+# that resumes it: they change how the run is watched, capped, stored or fed, not what it computes - and
+# train.epochs, so that a finished run can be extended (its schedule then spans the new length).
 RESUME_MAY_CHANGE = (
     "train.max_steps",
+    "train.epochs",
     "train.output_dir",
     "train.progress_bar",
     "train.log_every_steps",
