@@ -35,7 +35,8 @@ TRAIN_ARGS = (
     "--set", "train.keep_checkpoints=2",
 )
 TOTAL_STEPS = 16
-VOLATILE = ("time_s", "img_per_s")  # wall-clock fields: the only ones allowed to differ
+VOLATILE = ("time_s", "unix_time", "img_per_s", "wall_s", "train_img_per_s")  # wall-clock fields: the only
+# ones allowed to differ
 
 
 def _cmd(out: Path, *extra: str, fault: str | None = None, resume: bool = False) -> list[str]:
@@ -187,7 +188,7 @@ def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout_s: floa
         assert proc.poll() is None, f"run ended (code {proc.returncode}) before step {step}"
         lines = path.read_text().splitlines() if path.exists() else []
         rows = [json.loads(line) for line in lines if line.endswith("}")]  # skip a line being written
-        if any(r["kind"] == "train" and r["step"] >= step and r["time_s"] >= started for r in rows):
+        if any(r["kind"] == "train" and r["step"] >= step and r["unix_time"] >= started for r in rows):
             return
         time.sleep(0.01)
     raise TimeoutError(f"no training row of step {step} within {timeout_s} s")

@@ -251,8 +251,8 @@ def figure(results: dict[str, list[NormResult | None]], norms: Sequence[str], mb
     budget = base.ipu_memory_bytes / MB
     colors = {"bn": "C3", "gn": "C1", "gn+pn": "C0", "ln+pn": "C2", "nf": "C4"}
     archs = list(results)
-    fig, axes = plt.subplots(len(archs), 3, figsize=(18, 5.2 * len(archs)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.25, 1, 1]})
+    fig, axes = plt.subplots(len(archs), 3, figsize=(20, 5.6 * len(archs)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1, 1]})
     for row, arch in enumerate(archs):
         by_norm = {n: r for n, r in zip(norms, results[arch]) if r is not None}
         ax_bar, ax_fit, ax_mb = axes[row]
@@ -274,7 +274,7 @@ def figure(results: dict[str, list[NormResult | None]], norms: Sequence[str], mb
                 text = f"{v:,.0f} MB"
                 if bn_values is not None and norm != "bn":
                     text += f"\n1/{bn_values[g] / v:.1f} of BN"
-                ax_bar.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7.5,
+                ax_bar.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7,
                                 xytext=(0, 2), textcoords="offset points")
         ax_bar.hlines(budget, 0.55, 1.45, colors="k", linestyles="--", lw=1.2, label=f"one IPU: {budget:.0f} MB")
         ax_bar.set_xticks([0, 1], group_names)
@@ -282,7 +282,7 @@ def figure(results: dict[str, list[NormResult | None]], norms: Sequence[str], mb
         ax_bar.set_ylim(0, ax_bar.get_ylim()[1] * 1.15)
         ax_bar.set_title(f"{arch}: global batch {big} - BN at micro-batch {big} vs batch-independent norms at "
                          f"{small} x {acc}", fontsize=10)
-        ax_bar.legend(fontsize=8, loc="upper left")
+        ax_bar.legend(fontsize=8, loc="upper right")
         # 2. per-IPU fit
         for norm, mb, a in cases:
             r = by_norm[norm]

@@ -63,8 +63,7 @@ class StopRequest:
         self.escalate = launched_by_agent() is False if escalate is None else escalate
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
-            self.signum = signum
+        self.signum = signum
         if self.escalate:
             # A second signal of the same kind acts as if we were not there (Ctrl-C twice = KeyboardInterrupt now).
             signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 TB_SUBDIR = "tb"
-_NOT_SCALARS = frozenset({"kind", "epoch", "step", "samples", "time_s"})
+_NOT_SCALARS = frozenset({"kind", "epoch", "step", "samples", "time_s", "unix_time"})
 
 
 def scalars_of(record: Mapping[str, Any]) -> dict[str, float]:

@@ -594,6 +594,7 @@ class Trainer:
                             "img_per_s": ips,
                             "samples": self.samples_seen,
                             "time_s": round(self._elapsed(), 3),  # seconds since the run started
+                            "unix_time": round(time.time(), 3),  # when (jsonl only: to match other logs)
                         }
                         if self.backend_uses_loss_scaling:
                             record["loss_scale"] = float(self.backend.scaler.get_scale())
@@ -666,6 +667,7 @@ class Trainer:
             "step": self.global_step,
             **metrics,
             "time_s": round(self._elapsed(), 3),
+            "unix_time": round(time.time(), 3),
         }
         self._record(record)
         self._last_validation = record
