@@ -220,7 +220,7 @@ def test_random_sigkills_then_resume_bit_for_bit(tmp_path: Path) -> None:
             proc = run(_cmd(out, *longer, fault=f"{kind}:1", resume=resume))
             code, stderr = proc.returncode, proc.stderr
         assert code == -signal.SIGKILL, f"attempt {attempt}: exit code {code}\n{stderr[-3000:]}"
-    assert max(_steps(out)) < 32
+    assert max(_steps(out), default=0) < 32  # (on a loaded machine every kill may precede a checkpoint)
     proc = run(_cmd(out, *longer, resume=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not _stale(out)

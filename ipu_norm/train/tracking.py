@@ -69,7 +69,9 @@ class Tracker:
                 self._log("NOTE: the tensorboard package is not installed: no TensorBoard logs (pip install it)")
                 self.use_tb = False
             else:
-                self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
+                # Written by its own thread, flushed every 10 s and at close (not per record: the step loop
+                # does not wait for the disk).
+                self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step, flush_secs=10)
         if self.use_wandb and self._wandb_run is None:
             try:
                 import wandb
@@ -95,7 +97,6 @@ class Tracker:
         if self._tb is not None:
             for tag, value in values.items():
                 self._tb.add_scalar(tag, value, step)
-            self._tb.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
 

@@ -128,6 +128,7 @@ class Trainer:
         self._resume_any = resume_any
         # A new run never writes into another run's directory (checked before anything is built or written).
         self._move_old_run = resume is None and check_new_run(self.run_dir, overwrite=overwrite)
+        barrier(self.dist)  # every rank has checked before rank 0 writes anything there
         self.run_id = new_run_id()
 
         if cfg.execution.device == "cpu" and cfg.execution.precision in ("16.32", "16.16"):
