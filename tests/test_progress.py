@@ -169,3 +169,21 @@ def test_fewer_classes_than_num_classes_is_one_note(tmp_path: Path, capsys) -> N
     assert "Warning" not in captured.err
     notes = [line for line in captured.out.splitlines() if "fewer than num_classes" in line]
     assert len(notes) == 1 and notes[0].startswith("NOTE: ") and str(root / "train") in notes[0], captured.out
+
+
+def test_readme_quick_look_is_small() -> None:
+    """The README's quick look trains the flagship recipe on a few small batches (it must finish in under a
+    minute on a 2-core CPU: about 20 s measured, so it must not grow back to full global batches)."""
+    import shlex
+
+    from ipu_norm.config.cli import parse_args
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick look", 1)[1].split("\n## ", 1)[0]
+    command = section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    words = [w for w in shlex.split(command) if "=" not in w or w.startswith("--") or "." in w.split("=")[0]]
+    assert words[:2] == ["python", "run_train.py"], words
+    _, cfg, _ = parse_args(words[2:])
+    assert cfg.model.name == "efficientnet_b0" and cfg.model.norm == "ln+pn"
+    assert cfg.train.max_steps * cfg.train.global_batch_size <= 64
+    assert cfg.data.generated_val_samples <= 32 and cfg.data.dataset == "generated"
