@@ -12,9 +12,12 @@ matplotlib.use("Agg")
 
 from ipu_norm.experiments.signal_prop import ZERO  # noqa: E402
 from ipu_norm.experiments.signal_prop import figure as signal_figure  # noqa: E402
+from ipu_norm.memory.compare import (
+    IPUScenario,  # noqa: E402
+    measure_norm,  # noqa: E402
+)
 from ipu_norm.memory.compare import figure as memory_figure  # noqa: E402
-from ipu_norm.memory.compare import measure_norm  # noqa: E402
-from ipu_norm.memory.estimate import IPUPlan  # noqa: E402
+from ipu_norm.memory.estimate import MemorySpec  # noqa: E402
 from ipu_norm.models.__main__ import format_table, model_rows  # noqa: E402
 
 
@@ -50,7 +53,7 @@ def test_memory_figure_shows_the_headline() -> None:
     norms = ["bn", "gn+pn"]
     results = {"resnet18": [measure_norm("resnet18", n, 64, **kw) for n in norms]}
     bn, pn = results["resnet18"]
-    base = IPUPlan(micro_batch_size=1, precision="16.32", optimizer="sgd_momentum")
+    base = IPUScenario("16.32", 0.6, MemorySpec(optimizer="sgd_momentum"))
     fig = memory_figure(results, norms, [1, 2, 4, 8, 16, 32], base, ipus=(1, 2))
     ax_bar, ax_fit, ax_mb = fig.axes
     assert "BN at micro-batch 32 vs batch-independent norms at 2 x 16" in ax_bar.get_title()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ipu_norm.ipu.plan import PlanError, build_plan
+from ipu_norm.core.plan import PlanError, build_plan
 from PIL import Image
 from procs import ROOT, child_env, run, train_cmd
 

@@ -120,6 +120,7 @@ def test_trainer_averages_after_training_and_validates(tmp_path: Path) -> None:
     # The averaged model's validation is its own: recompute top-1 with the saved weights.
     from ipu_norm.train.trainer import Trainer
 
+    cfg.train.output_dir = str(tmp_path / "recheck")  # a new run directory: the finished run's is taken
     trainer = Trainer(cfg, log=lambda _msg: None)
     trainer.model.load_state_dict(saved)
     assert trainer.evaluate()["top1"] == pytest.approx(avg_record["top1"])

@@ -514,7 +514,7 @@ class Trainer:
                 self.val_loader.sampler.set_epoch(0)
                 with starting_workers():  # workers started here ignore a signal to the process group
                     batches = iter(self.val_loader)
-                label = f"validate {prefix.rstrip('_') or 'model'}"
+                label = "validate" + (f" {prefix.rstrip('_')}" if prefix else "")  # "validate", "validate ema"
                 for images, labels in validation_progress(batches, len(self.val_loader), bar=show_bar, log=self.log,
                                                           label=label):
                     images = self.device_input(images)
