@@ -15,6 +15,6 @@ def is_compiling() -> bool:
     fn = getattr(compiler, "is_compiling", None)
     if fn is not None:
         return bool(fn())
-    import torch._dynamo  # torch 2.0.x: the same query lives in Dynamo itself
+    from torch import _dynamo  # torch 2.0.x: the same query lives in Dynamo itself
 
-    return bool(torch._dynamo.is_compiling())
+    return bool(_dynamo.is_compiling())
