@@ -123,3 +123,16 @@ def test_registry_models_inductor_one_graph(name: str, norm: str | None, agc: bo
     assert (upd_c - upd_e).norm() <= 0.02 * upd_e.norm()
     for a, b in zip(evals_c, evals_e):
         assert (a - b).norm() <= 0.02 * b.norm()
+
+
+@pytest.mark.slow
+def test_run_train_with_execution_compile(tmp_path, capsys) -> None:  # noqa: ANN001
+    """`execution.compile: true` end to end through run_train.py (mixup, EMA, validation), Inductor."""
+    from pathlib import Path  # noqa: PLC0415
+
+    import run_train  # noqa: PLC0415
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_resnet18_gn.yml"
+    rc = run_train.main(["--config", str(config), "--set", "execution.compile=true", "--epochs", "1",
+                         "--output-dir", str(tmp_path / "run")])
+    assert rc == 0 and "done: 8 steps" in capsys.readouterr().out
