@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log(f"[{group.name}, {run['threads']} thread(s), {mode}]")
                 run["groups"].append(run_group(group, args, device, log))
             result["runs"].append(run)
+            # Printed as each run ends: a long run interrupted later keeps the tables of the finished ones.
+            print(f"\n## {run['threads']} thread(s), {mode}\n")
+            print(format_report(result | {"groups": run["groups"]}), flush=True)
     torch.set_num_threads(default_threads)
     result["groups"] = result["runs"][0]["groups"]  # the first run's, as before several runs were made
     # Peak again at the end, keep the larger: on a shared machine one measurement can land in a busy moment.
@@ -327,9 +330,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     except OSError:
         pass
-    for run in result["runs"]:
-        print(f"\n## {run['threads']} thread(s), {run['mode']}\n")
-        print(format_report(result | {"groups": run["groups"]}))
     print(f"\n(total {result['wall_s']:.0f} s; {result['machine']['cpu']}, {result['machine']['threads']} threads"
           + (f", {result['machine']['gpu']}" if "gpu" in result["machine"] else "") + ")")
     if args.json:
