@@ -337,7 +337,8 @@ def test_ddp_clip_after_allreduce() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Norms recorded by the Scaled-WS kernel (ipu_norm.ops.unit_norms): used only while they describe the tensors.
+# AGC computes the norms it clips with on every call: after any in-place write, through any API, at any thread
+# count, the clip equals the float64 reference written in this file.
 # --------------------------------------------------------------------------------------------------------------
 
 def _ws_net() -> nn.Module:
@@ -357,39 +358,18 @@ def _expected(params: list[nn.Parameter], clip: float) -> list[torch.Tensor]:
     return [_reference_clip(p.detach(), p.grad, clip) for p in params]
 
 
-def _ws_weights(model: nn.Module) -> list[nn.Parameter]:
-    return [model[0].weight, model[2].weight]
+@pytest.fixture(params=[1, 2])
+def threads(request: pytest.FixtureRequest) -> int:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
-@pytest.fixture
-def ws_kernel(one_thread: None) -> None:  # noqa: ARG001
-    from ipu_norm.ops import cpu_kernels
-
-    if not cpu_kernels.ws_kernel_applies(torch.zeros(2, 2)):
-        pytest.skip("CPU C kernels unavailable (no C compiler)")
-
-
-def test_recorded_norms_give_the_reference_clip(ws_kernel: None) -> None:  # noqa: ARG001
-    from ipu_norm.ops import unit_norms
-
-    model = _ws_net()
-    params = list(model.parameters())
-    _ws_backward(model)
-    assert all(p in unit_norms._GRAD and p in unit_norms._WEIGHT for p in _ws_weights(model))
-    clip = 0.5 * min((unitwise_norm(p.grad) / unitwise_norm(p.detach())).median().item() for p in params)
-    expected = _expected(params, clip)
-    assert any((e != p.grad).any() for e, p in zip(expected, params))  # some units are clipped
-    assert any((e == p.grad).any() for e, p in zip(expected, params))  # and some are not
-    adaptive_clip_grad_(params, clip)
-    assert not any(p in unit_norms._GRAD or p in unit_norms._WEIGHT for p in params)  # consumed
-    for p, e in zip(params, expected):
-        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("change", ["grad_mul", "weight_add", "accumulate", "zero_grad_keeps_tensor",
-                                    "grad_replaced", "unscale_kernel"])
-def test_stale_recorded_norms_are_not_used(change: str, ws_kernel: None) -> None:  # noqa: ARG001
-    # Each change makes the recorded norms wrong; the clip must notice and take the norms of the actual tensors.
+@pytest.mark.parametrize("change", ["none", "grad_mul", "weight_add", "accumulate", "zero_grad_keeps_tensor",
+                                    "grad_replaced", "unscale_kernel", "grad_data_write_middle",
+                                    "weight_data_write_middle", "unscale_with_zero_ends"])
+def test_clip_after_in_place_writes_equals_reference(change: str, threads: int) -> None:  # noqa: ARG001
     model = _ws_net()
     params = list(model.parameters())
     if change == "zero_grad_keeps_tensor":
@@ -408,36 +388,68 @@ def test_stale_recorded_norms_are_not_used(change: str, ws_kernel: None) -> None
         elif change == "unscale_kernel":  # GradScaler.unscale_'s kernel: in place, no version bump
             grads = [p.grad for p in params]
             torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros(1), torch.full((1,), 0.125))
+    if change == "grad_data_write_middle":  # through .data: bypasses the version counter
+        g = model[0].weight.grad.data
+        g[g.shape[0] // 2].mul_(16.0)
+    elif change == "weight_data_write_middle":
+        w = model[2].weight.data
+        w[w.shape[0] // 2].mul_(0.01)
+    elif change == "unscale_with_zero_ends":
+        # A gradient whose first and last elements are zero, unscaled in place by GradScaler's kernel.
+        for p in params:
+            flat = p.grad.view(-1)
+            flat[0] = 0.0
+            flat[-1] = 0.0
+        grads = [p.grad for p in params]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros(1), torch.full((1,), 1.0 / 1024))
     clip = 0.5 * min((unitwise_norm(p.grad) / unitwise_norm(p.detach())).median().item() for p in params)
     expected = _expected(params, clip)
+    assert any((e != p.grad).any() for e, p in zip(expected, params))  # some units are clipped
     adaptive_clip_grad_(params, clip)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=0)
 
 
-def test_recorded_norms_with_grad_scaler_and_optimizer_steps(ws_kernel: None) -> None:  # noqa: ARG001
-    # GradScaler's unscale_ rewrites the gradients in place (recorded gradient norms are then of the scaled ones)
-    # and each optimizer step changes the weights: AGC.step_ over several steps equals clipping with norms computed
-    # from scratch (use_recorded_norms=False).
-    def run(use_recorded: bool) -> list[torch.Tensor]:
-        model = _ws_net()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        agc = AGC(model.parameters(), clip_factor=0.02, use_recorded_norms=use_recorded)
-        for step in range(3):
-            opt.zero_grad(set_to_none=True)
-            x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-            scaler.scale(model(x).square().mean()).backward()
-            agc.step_(opt, scaler if step else None)  # step 0 without the scaler: the recorded norms are used
-        return [p.detach().clone() for p in model.parameters()]
+def test_grad_scaler_unscale_then_clip_over_steps_equals_reference() -> None:
+    # The documented order, scaler.unscale_(opt); agc.clip_(); scaler.step(opt); scaler.update(), over several
+    # steps (weights change every step), against a float64 loop written here: unscale by hand, the reference clip,
+    # then SGD with momentum by hand.
+    lr, mom, clip, scale = 0.05, 0.9, 0.02, 2.0**10
+    model = _ws_net()
+    ref = _ws_net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    agc = AGC(model.parameters(), clip_factor=clip)
+    bufs: list[torch.Tensor | None] = [None] * len(list(ref.parameters()))
+    for step in range(3):
+        x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(model(x).square().mean()).backward()
+        with torch.no_grad():
+            for p in model.parameters():  # zero first/last elements (the case the old recorded norms got wrong)
+                p.grad.view(-1)[0] = 0.0
+                p.grad.view(-1)[-1] = 0.0
+        scaler.unscale_(opt)
+        agc.clip_()
+        scaler.step(opt)
+        scaler.update()
 
-    for a, b in zip(run(True), run(False)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+        ref.zero_grad(set_to_none=True)
+        (ref(x).square().mean() * scale).backward()
+        with torch.no_grad():
+            for i, p in enumerate(ref.parameters()):
+                g = p.grad / scale
+                g.view(-1)[0] = 0.0
+                g.view(-1)[-1] = 0.0
+                g = _reference_clip(p.detach(), g, clip)
+                bufs[i] = g.clone() if bufs[i] is None else bufs[i] * mom + g
+                p.sub_(lr * bufs[i])
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
 def _ddp_ws_worker(rank: int, world: int, out_dir: str) -> None:
-    # One backward: the Scaled-WS kernel records the norms of the *local* gradient; DDP's all-reduce then replaces
-    # it with the mean over ranks, so the recorded gradient norms must not be used.
+    # One backward; DDP's all-reduce replaces the local gradient with the mean over ranks: the clip must use that.
     model = nn.parallel.DistributedDataParallel(_ws_net())
     agc = AGC(model.module.parameters(), clip_factor=0.01)
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(200 + rank))
@@ -449,7 +461,7 @@ def _ddp_ws_worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow  # two spawned processes
-def test_ddp_clip_after_allreduce_with_recorded_norms() -> None:
+def test_ddp_clip_after_allreduce_ws_net() -> None:
     world = 2
     results = _run_ddp(_ddp_ws_worker, world)
     model = _ws_net()

@@ -87,7 +87,7 @@ def _step(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], sc
         (nn.functional.cross_entropy(model(x), y) / n).backward()
     if scope == "step":
         params = [p for m in (model.conv1, model.conv2) for p in m.parameters()]
-        adaptive_clip_grad_(params, clip, 1e-3, use_recorded_norms=False)
+        adaptive_clip_grad_(params, clip, 1e-3)
     opt.step()
 
 

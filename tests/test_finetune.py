@@ -223,3 +223,56 @@ def test_shipped_half_resolution_recipe_has_the_stage() -> None:
     assert frozen[0].startswith("stem.")
     assert not any(k.startswith(("blocks.14.", "blocks.15.", "head.")) for k in frozen)
     assert not load_config(ROOT / "configs" / "effnet_b0_bn.yml").finetune.enabled  # full resolution already
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuning with frozen layers for every norm, and every shipped tiny config run to its end.
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln", "gn+pn", "ln+pn"])
+def test_finetune_with_frozen_layers_every_norm(norm: str, tmp_path: Path) -> None:
+    """Main run + fine-tuning stage with the first blocks frozen: frozen tensors bitwise unchanged, later ones
+    trained (the former cached Proxy Norm statistics crashed here with frozen PN layers)."""
+    cfg = _cfg(tmp_path, f"model.norm={norm}", "data.generated_samples=16", "data.generated_val_samples=8",
+               "train.global_batch_size=8", "data.test_size=16")
+    result = train_and_finetune(cfg, log=lambda _: None)
+    run = tmp_path / "run"
+    assert result.run_dir == run / "finetune" and result.global_step == 2
+    start = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])["ema"]
+    end = load_checkpoint(list_checkpoints(run / "finetune" / "checkpoints")[-1])["model"]
+    frozen = [k for k in start if k.startswith(("stem.", "blocks.0.", "blocks.1."))]
+    trained = [k for k in start if k.startswith(("blocks.2.", "head.")) and k.endswith("weight")]
+    assert frozen and trained
+    for k in frozen:
+        assert torch.equal(start[k], end[k]), k
+    assert any(not torch.equal(start[k], end[k]) for k in trained)
+    if norm.endswith("+pn"):
+        assert any("proxy_weight" in k for k in frozen) and any("proxy_weight" in k for k in trained)
+
+
+def test_finetune_nf_resnet_with_agc_and_frozen_layers(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny_nf_resnet50_agc.yml",
+                      ["finetune.enabled=true", "finetune.epochs=1", "finetune.first_trainable=blocks.2",
+                       "finetune.micro_batch_size=2", "data.test_size=32"],
+                      {"train.output_dir": str(tmp_path / "run")})
+    result = train_and_finetune(cfg, log=lambda _: None)
+    run = tmp_path / "run"
+    assert result.run_dir == run / "finetune"
+    start = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])["model"]
+    end = load_checkpoint(list_checkpoints(run / "finetune" / "checkpoints")[-1])["model"]
+    frozen = [k for k in start if k.startswith(("stem.", "blocks.0.", "blocks.1."))]
+    assert frozen and all(torch.equal(start[k], end[k]) for k in frozen)
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("blocks.2."))
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("tiny_*.yml")
+                                          if p.name != "tiny_base.yml"))
+def test_every_tiny_config_runs_to_the_end(config: str, tmp_path: Path, capsys) -> None:
+    """run_train.py's entry in-process, as a user runs it: exit code 0 and its final line (fine-tuning included)."""
+    rc = run_train.main(["--config", str(ROOT / "configs" / config), "--output-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-2000:]
+    assert "done:" in out
+    cfg = load_config(ROOT / "configs" / config)
+    if cfg.finetune.enabled:
+        assert (tmp_path / "run" / "finetune" / "final_metrics.json").is_file()

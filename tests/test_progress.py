@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ipu_norm.core.plan import PlanError, build_plan
 from PIL import Image
 from procs import ROOT, child_env, run, train_cmd
 
 import run_train
 from ipu_norm.config import load_config
+from ipu_norm.core.plan import PlanError, build_plan
 from ipu_norm.train.builders import build_model
 from ipu_norm.train.metrics import read_jsonl
 from ipu_norm.train.trainer import train

@@ -9,6 +9,11 @@ from ipu_norm.layers.activations import ACT_FNS
 from ipu_norm.layers.proxy_norm import _channel_view, _ProxyNormActFn
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread: None) -> None:  # noqa: ARG001
+    """Small tensors: one thread is faster and steadier on a shared machine (conftest's one_thread)."""
+
+
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
 def test_fused_pn_act_gradcheck(act: str) -> None:
     u = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -49,13 +54,13 @@ def _saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def _assert_pn_saves_no_more_than_gn(act: str) -> None:
-    """GN+PN -> conv saves what GN -> conv saves, up to per-channel vectors (< 1% here)."""
+    """GN+PN -> conv saves what GN -> conv saves, up to the statistics' own (C, n) tensors (independent of N, H, W)."""
     x = torch.randn(4, 16, 32, 32, requires_grad=True)
     sizes = {}
     for norm in ("gn", "gn+pn"):
         block = torch.nn.Sequential(create_norm_act(norm, 16, act), torch.nn.Conv2d(16, 16, 3, padding=1))
         sizes[norm] = _saved_bytes(block, x)
-    assert sizes["gn+pn"] <= sizes["gn"] * 1.01
+    assert sizes["gn+pn"] <= sizes["gn"] + 3 * 16 * 200 * 4 + 1024  # at most three (C, n) fp32 tensors
 
 
 @pytest.mark.parametrize("act", ["relu", "silu"])
@@ -90,89 +95,22 @@ def test_relu_fold_matches_unfolded_proxy_norm() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The fused C kernel for SiLU/GELU on CPU (ipu_norm.ops.cpu_kernels), used with one intra-op thread.
+# Double backward (create_graph) through the PN-Act autograd functions: gradgradcheck in float64.
 
 
-def _kernel_or_skip() -> None:
-    from ipu_norm.ops import cpu_kernels  # noqa: PLC0415
-
-    if cpu_kernels._lib() is None:
-        pytest.skip("the fused PN-Act C kernel could not be built here (no C compiler?)")
-
-
-def _pn_act_and_grads(u, s, t, g, act):  # noqa: ANN001, ANN202
-    out = _ProxyNormActFn.apply(u, _channel_view(s, u), _channel_view(t, u), act)
-    return (out, *torch.autograd.grad(out, (u, s, t), g))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_c_kernel_matches_the_aten_path(act: str, dtype: torch.dtype, one_thread, monkeypatch) -> None:  # noqa: ANN001
-    import ipu_norm.layers.proxy_norm as pn  # noqa: PLC0415
-
-    _kernel_or_skip()
-    u = (3 * torch.randn(4, 6, 5, 7, dtype=dtype)).requires_grad_()  # spans both tails of phi
-    s = (torch.rand(6, dtype=dtype) + 0.5).requires_grad_()
-    t = torch.randn(6, dtype=dtype, requires_grad=True)
-    g = torch.randn(4, 6, 5, 7, dtype=dtype)
-    assert pn.fused_pn_act_applies(u, act)
-    kernel = _pn_act_and_grads(u, s, t, g, act)
-    monkeypatch.setattr(pn, "fused_pn_act_applies", lambda *a: False)
-    aten = _pn_act_and_grads(u, s, t, g, act)
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
-    for a, b in zip(kernel, aten):
-        torch.testing.assert_close(a, b, **tol)
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_c_kernel_gradcheck_and_memory(act: str, one_thread) -> None:  # noqa: ANN001
-    _kernel_or_skip()
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_pn_act_double_backward(act: str) -> None:
     u = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     s = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
     t = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
+    assert torch.autograd.gradgradcheck(
         lambda u, s, t: _ProxyNormActFn.apply(u, _channel_view(s, u), _channel_view(t, u), act), (u, s, t)
     )
-    _assert_pn_saves_no_more_than_gn(act)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_relu_shift_c_kernel_matches_the_aten_path(dtype: torch.dtype, one_thread, monkeypatch) -> None:  # noqa: ANN001
-    import ipu_norm.layers.proxy_norm as pn  # noqa: PLC0415
+def test_relu_shift_double_backward() -> None:
     from ipu_norm.layers.proxy_norm import _ReluShiftFn  # noqa: PLC0415
 
-    _kernel_or_skip()
-    u = torch.randn(4, 6, 5, 7, dtype=dtype)
-    u[0, 0, 0, :3] = 0.0  # the kink: relu'(0) = 0 on both paths
-    u.requires_grad_()
-    t = torch.randn(6, dtype=dtype, requires_grad=True)
-    g = torch.randn(4, 6, 5, 7, dtype=dtype)
-
-    def run() -> tuple[torch.Tensor, ...]:
-        out = _ReluShiftFn.apply(u, _channel_view(t, u))
-        return (out, *torch.autograd.grad(out, (u, t), g))
-
-    assert pn.fused_pn_act_applies(u, "relu_shift")
-    kernel = run()
-    monkeypatch.setattr(pn, "fused_pn_act_applies", lambda *a: False)
-    aten = run()
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
-    for a, b in zip(kernel, aten):
-        torch.testing.assert_close(a, b, **tol)
-
-
-def test_c_kernel_falls_back_to_aten(one_thread, monkeypatch) -> None:  # noqa: ANN001
-    from ipu_norm.ops import cpu_kernels  # noqa: PLC0415
-
-    u = torch.randn(2, 3, 4, 4)
-    assert not cpu_kernels.fused_pn_act_applies(u.transpose(2, 3), "silu")  # not contiguous
-    assert not cpu_kernels.fused_pn_act_applies(u.bfloat16(), "silu")  # autocast dtypes
-    assert not cpu_kernels.fused_pn_act_applies(u, "relu")  # ReLU has its own fold
-    torch.set_num_threads(2)
-    assert not cpu_kernels.fused_pn_act_applies(u, "silu")  # ATen's kernels are parallel
-    torch.set_num_threads(1)
-    monkeypatch.setattr(cpu_kernels, "_lib", lambda: None)  # no compiler / build failed
-    assert not cpu_kernels.fused_pn_act_applies(u, "silu")
-    layer = create_norm_act("ln+pn", 3, "silu")
-    layer(u.requires_grad_()).sum().backward()
-    assert u.grad is not None
+    u = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda u, t: _ReluShiftFn.apply(u, _channel_view(t, u)), (u, t))

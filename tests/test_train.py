@@ -125,7 +125,7 @@ def test_agc_runs_once_per_step_on_accumulated_grads_before_the_update(monkeypat
     calls = []
     original = agc_module.adaptive_clip_grad_
 
-    def spy(params, clip_factor, eps=1e-3, use_recorded_norms=True):
+    def spy(params, clip_factor, eps=1e-3):
         params = list(params)
         calls.append(
             {
@@ -135,7 +135,7 @@ def test_agc_runs_once_per_step_on_accumulated_grads_before_the_update(monkeypat
                 "clip": clip_factor,
             }
         )
-        return original(params, clip_factor, eps=eps, use_recorded_norms=use_recorded_norms)
+        return original(params, clip_factor, eps=eps)
 
     monkeypatch.setattr(agc_module, "adaptive_clip_grad_", spy)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,11 +1,13 @@
 """`python -m ipu_norm.bench`: training-step throughput of ipu_norm models against timm, PN and AGC overheads.
 
-Example (the README run, a quiet machine, ~5-10 min on CPU):
+Example (the Goals tables: 1 thread and the default thread count, eager and torch.compile'd):
 
-    python -m ipu_norm.bench --device cpu --batch 8 --resolution 96 --steps 10 --warmup 3 --json bench.json
+    python -m ipu_norm.bench --device cpu --batch 8 --resolution 96 --json bench.json
+    python -m ipu_norm.bench --short        # a few steps per variant: a quick look on a busy machine
 
 Every figure is the median over `--steps` timed training steps (forward, backward, clip where
-configured, SGD step) after `--warmup` untimed ones; the variants of a group are stepped interleaved.
+configured, SGD step) after `--warmup` untimed ones; the variants of a group are stepped interleaved, and
+the tables are printed once per (thread count, eager/compiled) run.
 """
 
 from __future__ import annotations
@@ -261,11 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for every variant")
-    p.add_argument("--compile", action="store_true", help="torch.compile every variant (warm-up absorbs compile)")
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                   help="eager and/or torch.compile'd variants (compiled: the warm-up absorbs the compilation)")
+    p.add_argument("--compile", action="store_true", help="shorthand for --modes compiled")
+    p.add_argument("--short", action="store_true",
+                   help="quick run: 3 timed steps and 1 warm-up per variant (2 when compiled)")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--gemm-size", type=int, default=None, help="matrix side for the GEMM peak (default 2048 cpu, "
                                                                "8192 cuda)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                   help="CPU thread counts to run at, 0 = the default count (default: 1 and the default)")
     p.add_argument("--profile", default=None, metavar="SUBSTR",
                    help="print a torch.profiler table for variants whose name contains SUBSTR")
     p.add_argument("--profile-rows", type=int, default=25)
@@ -277,8 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the tables; return (and optionally write) the result dict."""
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.compile:
+        args.modes = ["compiled"]
+    if args.short:
+        args.steps, args.warmup = 3, 1
+    default_threads = torch.get_num_threads()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -293,11 +303,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                         "gemm_dtype": str(gemm_dtype)},
         "machine": machine_info(device),
         "gemm_peak_flops": peak,
-        "groups": [],
+        "runs": [],
     }
-    for group in build_groups(args.num_classes, args.models):
-        log(f"[{group.name}]")
-        result["groups"].append(run_group(group, args, device, log))
+    base_warmup = args.warmup
+    for threads in args.threads:
+        torch.set_num_threads(threads or default_threads)
+        for mode in args.modes:
+            args.compile = mode == "compiled"
+            args.warmup = base_warmup + (1 if args.compile else 0)
+            run = {"threads": torch.get_num_threads(), "mode": mode, "groups": []}
+            for group in build_groups(args.num_classes, args.models):
+                log(f"[{group.name}, {run['threads']} thread(s), {mode}]")
+                run["groups"].append(run_group(group, args, device, log))
+            result["runs"].append(run)
+            # Printed as each run ends: a long run interrupted later keeps the tables of the finished ones.
+            print(f"\n## {run['threads']} thread(s), {mode}\n")
+            print(format_report(result | {"groups": run["groups"]}), flush=True)
+    torch.set_num_threads(default_threads)
+    result["groups"] = result["runs"][0]["groups"]  # the first run's, as before several runs were made
     # Peak again at the end, keep the larger: on a shared machine one measurement can land in a busy moment.
     peak_end = gemm_peak_flops(device, gemm_size, gemm_dtype)
     result["gemm_peak_flops_start_end"] = [peak, peak_end]
@@ -307,7 +330,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     except OSError:
         pass
-    print(format_report(result))
     print(f"\n(total {result['wall_s']:.0f} s; {result['machine']['cpu']}, {result['machine']['threads']} threads"
           + (f", {result['machine']['gpu']}" if "gpu" in result["machine"] else "") + ")")
     if args.json:

@@ -14,14 +14,11 @@ from ipu_norm.layers.proxy_norm import (
     PROXY_PARAM_NAMES,
     ProxyNormAct,
     apply_proxy_norm_act,
-    clear_proxy_stats,
-    prepare_proxy_stats,
     proxy_affine,
-    proxy_stats_batching,
 )
 
 __all__ = [
     "NF_ACT_GAMMA", "NORM_KINDS", "PROXY_PARAM_NAMES", "ActOnly", "BatchNormAct2d", "GammaAct", "GroupNormAct",
     "NormSpec", "ProxyNormAct", "apply_proxy_norm_act", "canonical_act_name", "create_act", "create_norm_act",
-    "get_act_fn", "parse_norm", "proxy_affine", "clear_proxy_stats", "prepare_proxy_stats", "proxy_stats_batching",
+    "get_act_fn", "parse_norm", "proxy_affine",
 ]

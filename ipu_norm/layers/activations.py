@@ -95,3 +95,25 @@ class GammaAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, gamma={self.gamma:.6f}"
+
+
+def act_vjp(grad: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
+    """grad * phi'(u) for relu, silu, gelu, identity: the one place that differentiates these activations by hand.
+
+    ATen's fused activation-backward kernels (one pass, no phi' tensor). Twice differentiable: under grad mode
+    (a create_graph backward) SiLU uses its closed form phi'(u) = s (1 + u (1 - s)), s = sigmoid(u), because
+    ATen's `silu_backward` has no derivative of its own; `threshold_backward` and `gelu_backward` have one.
+    phi'(0) = 0 for relu, as torch.relu's backward.
+    """
+    if act == "relu":
+        return torch.ops.aten.threshold_backward(grad, u, 0)
+    if act == "silu":
+        if torch.is_grad_enabled():
+            s = torch.sigmoid(u)
+            return grad * s * (1.0 + u * (1.0 - s))
+        return torch.ops.aten.silu_backward(grad, u)
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad, u, approximate="none")
+    if act == "identity":
+        return grad
+    raise ValueError(f"act_vjp supports relu, silu, gelu and identity, got {act!r}")

@@ -31,16 +31,7 @@ from ipu_norm.layers.proxy_norm import (
     apply_proxy_norm_act,
     relu_add_shift,
 )
-from ipu_norm.ops.cpu_kernels import (
-    fused_bn_relu_applies,
-    fused_bn_relu_backward,
-    fused_bn_relu_forward,
-    fused_gn_act,
-    fused_gn_act_applies,
-    fused_gn_act_backward,
-    fused_gn_act_forward,
-)
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, uses_plain_ops
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES
 
 NORM_KINDS = ("bn", "gn", "ln", "gn+pn", "ln+pn", "none")
 DEFAULT_EPS = {"bn": 1e-5, "gn": 1e-3, "ln": 1e-3}
@@ -73,39 +64,6 @@ def parse_norm(norm: str | NormSpec) -> NormSpec:
     return NormSpec(base=base, proxy=pn == "pn")
 
 
-# Tests switch the fused kernels off to compare with the ATen path.
-_FUSED_GN_ACT = {"enabled": True}
-_FUSED_BN_RELU = {"enabled": True}
-# Without Proxy Norm, ATen's GroupNorm + activation is as fast as or faster than the fused kernel on small planes
-# (one EfficientNet-B0 layer's forward+backward at batch 8, one thread, min of repeats: fused 1.0-1.4x of ATen at
-# 3x3 to 12x12, 0.75-0.9x from 24x24 up; its backward's per-plane loops are short there). With Proxy Norm the
-# fused kernel is the fastest path at every size measured (0.6-0.8x of ATen GroupNorm + the PN-Act kernel).
-# Each layer takes its faster path.
-FUSED_GN_ACT_MIN_PLANE = 256
-
-
-class _BatchNormReluFn(torch.autograd.Function):
-    """relu(batch_norm(x)) with the batch statistics as one CPU kernel each way (ipu_norm.ops.cpu_kernels).
-
-    Saves x and the per-channel mean/invstd, as ATen's BatchNorm does (ReLU's saved output is the next layer's
-    input, kept anyway). Returns the biased batch variance too, non-differentiable, for the running statistics.
-    First-order only.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # noqa: ANN001, ANN205
-        out, mean, invstd, var = fused_bn_relu_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_mean, _grad_var):  # noqa: ANN001, ANN205
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        return (*fused_bn_relu_backward(grad_out, x, weight, bias, mean, invstd), None)
-
-
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d followed by an activation (state-dict compatible with nn.BatchNorm2d)."""
 
@@ -122,8 +80,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.inplace = inplace and self.act_name in ("relu", "silu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_applies(x):
-            return self._fused_forward(x)
         x = super().forward(x)
         if self.act_name == "relu":
             return F.relu(x, inplace=self.inplace)
@@ -131,57 +87,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return F.silu(x, inplace=self.inplace)
         return ACT_FNS[self.act_name](x)
 
-    def _fused_applies(self, x: torch.Tensor) -> bool:
-        # Batch statistics (training mode) with ReLU on CPU; eval mode is an affine map, left to ATen.
-        return (
-            _FUSED_BN_RELU["enabled"]
-            and self.training
-            and self.act_name == "relu"
-            and x.dim() == 4
-            and x.numel() > x.shape[1]  # more than one value per channel: BatchNorm's own requirement
-            and fused_bn_relu_applies(x, self.weight)
-            and not uses_plain_ops()
-        )
-
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, mean, var = _BatchNormReluFn.apply(x, self.weight, self.bias, self.eps)
-        if self.track_running_stats:
-            # nn.BatchNorm2d's bookkeeping: the momentum, or a cumulative average when it is None, and the
-            # unbiased batch variance in running_var (as ATen's batch_norm updates them).
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                count = x.numel() // x.shape[1]
-                self.running_mean.lerp_(mean, factor)
-                self.running_var.lerp_(var * (count / (count - 1)), factor)
-        return out
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act_name}"
-
-
-class _GroupNormActFn(torch.autograd.Function):
-    """phi(group_norm(x) * weight + bias) [* scale + shift] as one CPU kernel each way (ipu_norm.ops.cpu_kernels).
-
-    Saves x and the per-(sample, group) mean/rstd, as ATen's GroupNorm does; unlike GroupNorm followed by an
-    activation it does not also save the activation's input. scale/shift (C,) are Proxy Norm's, or None.
-    First-order only: the ATen path (``IPU_NORM_CPU_KERNELS=0``, or more than one torch thread) stays twice
-    differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, act):  # noqa: ANN001, ANN205
-        out, stats = fused_gn_act_forward(x, weight, bias, scale, shift, num_groups, eps, act)
-        ctx.save_for_backward(x, weight, bias, scale, stats)
-        ctx.num_groups, ctx.act = num_groups, act
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x, weight, bias, scale, stats = ctx.saved_tensors
-        grads = fused_gn_act_backward(grad_out, x, weight, bias, scale, stats, ctx.num_groups, ctx.act)
-        return (*grads, None, None, None)
 
 
 class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
@@ -221,16 +128,14 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
         return params, self.act_name, self.proxy_eps, self.num_quantiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_applies(x):
-            # ReLU/SiLU/GELU on CPU: GroupNorm, activation and Proxy Norm's scale/shift in one kernel each way.
-            scale, shift = self.proxy_affine() if self.proxy else (None, None)
-            out = fused_gn_act(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps, self.act_name)
-            if out is not None:  # the C++ autograd op
-                return out
-            return _GroupNormActFn.apply(x, self.weight, self.bias, scale, shift, self.num_groups, self.eps,
-                                         self.act_name)
         if not self.proxy:
-            return ACT_FNS[self.act_name](F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+            x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            # In place on GroupNorm's fresh output (its backward reads only its input and statistics).
+            if self.act_name == "relu":
+                return F.relu(x, inplace=True)
+            if self.act_name == "silu":
+                return F.silu(x, inplace=True)
+            return ACT_FNS[self.act_name](x)
         scale, shift = self.proxy_affine()
         if self.act_name == "relu":
             # The PN scale (> 0) commutes with ReLU: fold it into GroupNorm's affine (relu_add_shift docstring).
@@ -238,15 +143,6 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
             return relu_add_shift(x, shift)
         x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return apply_proxy_norm_act(x, self.act_name, scale, shift)
-
-    def _fused_applies(self, x: torch.Tensor) -> bool:
-        # Not while PopTorch traces: PopART differentiates the plain ops itself.
-        return (
-            _FUSED_GN_ACT["enabled"]
-            and (self.proxy or x.numel() >= FUSED_GN_ACT_MIN_PLANE * max(x.shape[0] * x.shape[1], 1))
-            and fused_gn_act_applies(x, self.weight, self.act_name)
-            and not uses_plain_ops()
-        )
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, act={self.act_name}"

@@ -9,33 +9,19 @@ so the output never depends on the other examples of the batch, in training or a
 statistics cost C x 200 values per layer; the only full-tensor work is one extra per-channel affine
 after phi (`_ProxyNormActFn` below).
 
-Batched statistics (`prepare_proxy_stats`): a model (StemBlocksHead.forward) or a CPU/GPU pipeline stage
-computes the statistics of all its PN layers at the start of its forward, one `proxy_stats` call per
-(activation, eps, quantiles, dtype, device) group over the concatenated parameters, and hands each layer its
-slice; autograd then runs one batched backward per group. Each layer validates its slice against its
-parameters' (data_ptr, _version) before use and otherwise computes its own statistics (the per-layer path,
-also used standalone, under PopTorch tracing and under torch.compile).
+The statistics are a function of the layer's four (C,) parameters only. Each PN layer computes them in its
+own forward from its current parameters (`ipu_norm.ops.proxy_stats.proxy_stats`, plain ATen, float32):
+nothing is cached between calls, so optimizer steps, EMA, load_state_dict, writes through ``.data``, freezing
+(requires_grad=False) and checkpoint recomputation all see statistics of the parameters as they are.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
-from ipu_norm.compat import is_compiling
-from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
-from ipu_norm.ops.cpu_kernels import (
-    fused_pn_act_applies,
-    fused_pn_act_backward,
-    fused_pn_act_forward,
-    fused_relu_shift_backward,
-    fused_relu_shift_forward,
-)
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, act_vjp, proxy_stats, uses_plain_ops
+from ipu_norm.layers.activations import ACT_FNS, act_vjp, canonical_act_name
+from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, proxy_stats, uses_plain_ops
 
 DEFAULT_PROXY_EPS = 0.03
 # Parameter names of the proxy variable (beta~, gamma~). Among the PN parameters only these are
@@ -58,158 +44,24 @@ def proxy_affine(
     return scale, -mean * scale
 
 
-_BATCHING = {"enabled": True}
-
-
-@contextlib.contextmanager
-def proxy_stats_batching(enabled: bool) -> Iterator[None]:
-    """Turn the batched proxy statistics on or off inside the block (off = every PN layer computes its own)."""
-    previous = _BATCHING["enabled"]
-    _BATCHING["enabled"] = enabled
-    try:
-        yield
-    finally:
-        _BATCHING["enabled"] = previous
-
-
-class _StatsEntry:
-    """A PN layer's (scale, shift) from a batched computation, valid for the parameter state in `key`.
-
-    `spent` is shared by the entries of one batched computation and set once autograd has produced the
-    gradient of the batched statistics: their graph is then freed, so a later forward that records gradients
-    must not reuse them (one recorded before that, e.g. the recompute of a torch.utils.checkpoint segment
-    during backward, uses them and sends its gradients through the one batched backward).
-    """
-
-    __slots__ = ("scale", "shift", "key", "spent", "used_without_grad")
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, key: tuple, spent: list[bool]) -> None:
-        self.scale, self.shift, self.key, self.spent = scale, shift, key, spent
-        self.used_without_grad = False
-
-
-# layer -> its _StatsEntry. Kept off the module so that copy.deepcopy (EMA) and pickling never see graph tensors.
-_ENTRIES: weakref.WeakKeyDictionary[nn.Module, _StatsEntry] = weakref.WeakKeyDictionary()
-
-
-def _param_key(params: tuple[torch.Tensor, ...]) -> tuple:
-    # In-place updates (optimizer, EMA, load_state_dict) bump _version; .to()/.data = ... change data_ptr.
-    return tuple((p.data_ptr(), p._version) for p in params)
-
-
-def _batching_active() -> bool:
-    return _BATCHING["enabled"] and not is_compiling() and not uses_plain_ops()
-
-
 class ProxyStatsMixin:
-    """Shared by the PN layers (ProxyNormAct, GroupNormAct with proxy=True): their statistics, batched or own.
+    """Shared by the PN layers (ProxyNormAct, GroupNormAct with proxy=True): their proxy affine, per forward.
 
     A layer provides `_proxy_spec()` -> ((gamma, beta, gamma~, beta~), act, eps, num_quantiles), or None when
-    it has no Proxy Norm.
+    it has no Proxy Norm. The statistics are recomputed from the current parameters on every call (C x n
+    values): nothing is cached, so no write to the parameters, through any API, can leave them stale.
     """
 
     def _proxy_spec(self) -> tuple[tuple[torch.Tensor, ...], str, float, int] | None:
         raise NotImplementedError
 
-    def _batched_proxy_affine(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = _ENTRIES.get(self)
-        if entry is None or not _batching_active() or entry.key != _param_key(params):
-            return None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            # Needs the statistics' graph: only from a batch computed with gradients whose backward has not run.
-            # Not after a no-grad use of that batch either: that was the forward of a reentrant checkpoint, whose
-            # recompute (now) runs its own backward, which must not reach into the shared batched graph.
-            if entry.spent[0] or not entry.scale.requires_grad or entry.used_without_grad:
-                return None
-        elif entry.scale.requires_grad:
-            entry.used_without_grad = True
-        return entry.scale, entry.shift
-
     def proxy_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) of the proxy normalisation for the current parameters (batched slice or own call)."""
+        """(scale, shift) of the proxy normalisation for the current parameters."""
         spec = self._proxy_spec()
         if spec is None:
             raise RuntimeError(f"{type(self).__name__} has no Proxy Norm (proxy=False)")
         params, act, eps, num_quantiles = spec
-        batched = self._batched_proxy_affine(params)
-        if batched is not None:
-            return batched
         return proxy_affine(*params, act, eps, num_quantiles)
-
-
-def _mark_spent(spent: list[bool]):  # noqa: ANN202
-    def hook(grad: torch.Tensor) -> None:
-        spent[0] = True
-
-    return hook
-
-
-# root -> its PN layers, found once: a stale list after a module swap only costs speed (a new layer computes
-# its own statistics, a removed one is still computed), never correctness.
-_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[ProxyStatsMixin]] = weakref.WeakKeyDictionary()
-
-
-def _proxy_layers(root: nn.Module) -> list[ProxyStatsMixin]:
-    layers = _LAYERS.get(root)
-    if layers is None:
-        layers = [m for m in root.modules() if isinstance(m, ProxyStatsMixin) and m._proxy_spec() is not None]
-        _LAYERS[root] = layers
-    return layers
-
-
-def clear_proxy_stats(root: nn.Module) -> None:
-    """Drop the cached statistics of the PN layers under `root`.
-
-    Only needed after writing parameters in a way that bypasses their version counter (``p.data.copy_(...)``):
-    optimizers, EMA, ``load_state_dict`` and ``.to()`` are detected by themselves.
-    """
-    for m in root.modules():
-        _ENTRIES.pop(m, None)
-
-
-def prepare_proxy_stats(root: nn.Module) -> None:
-    """Compute the proxy statistics of every PN layer under `root` in one batched call per group.
-
-    Groups are (activation, eps, num_quantiles, dtype, device); a group's parameters are concatenated, go
-    through one `proxy_affine` (one `ipu_norm::proxy_stats` op, one backward op) and the (scale, shift) are
-    split back per layer. Without gradients (eval, no_grad, EMA) layers whose parameters did not change since
-    the last computation keep their statistics: at inference they are constants. A no-op while PopTorch
-    traces (the IPU op is per layer and pipeline stages live on different IPUs), under torch.compile, and
-    inside `proxy_stats_batching(False)`.
-    """
-    layers = _proxy_layers(root)
-    if not layers or not _batching_active():
-        return
-    grad = torch.is_grad_enabled()
-    groups: dict[tuple, list[tuple[ProxyStatsMixin, tuple[torch.Tensor, ...], tuple]]] = {}
-    for m in layers:
-        spec = m._proxy_spec()
-        if spec is None:
-            continue
-        params, act, eps, nq = spec
-        key = _param_key(params)
-        entry = _ENTRIES.get(m)
-        needs_graph = grad and any(p.requires_grad for p in params)
-        if not needs_graph and entry is not None and entry.key == key:
-            continue  # unchanged parameters, no gradient needed: the cached statistics stay valid
-        g = params[0]
-        groups.setdefault((act, eps, nq, g.dtype, g.device), []).append((m, params, key))
-    for (act, eps, nq, _, _), members in groups.items():
-        spent = [False]
-        if len(members) == 1:
-            _, params, _ = members[0]
-            scale, shift = proxy_affine(*params, act, eps, nq)
-            scales, shifts = (scale,), (shift,)
-        else:
-            cat = [torch.cat([ps[i] for _, ps, _ in members]) for i in range(4)]
-            scale, shift = proxy_affine(*cat, act, eps, nq)
-            sizes = [ps[0].numel() for _, ps, _ in members]
-            scales, shifts = scale.split(sizes), shift.split(sizes)
-        if scale.requires_grad:
-            scale.register_hook(_mark_spent(spent))
-            shift.register_hook(_mark_spent(spent))
-        for (m, _, key), sc, sh in zip(members, scales, shifts):
-            _ENTRIES[m] = _StatsEntry(sc, sh, key, spent)
 
 
 def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -234,13 +86,9 @@ class _ProxyNormActFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str) -> torch.Tensor:  # noqa: ANN001
-        ctx.fused = fused_pn_act_applies(u, act)
-        if ctx.fused:
-            out = fused_pn_act_forward(u, scale, shift, act)  # SiLU/GELU on CPU: one pass (ipu_norm.ops.cpu_kernels)
-        else:
-            # In place on phi(u)'s fresh tensor: a broadcasting out-of-place addcmul is several times slower on CPU.
-            z = ACT_FNS[act](u)
-            out = (z.clone() if z is u else z).mul_(scale).add_(shift)  # never write into u itself (identity)
+        # In place on phi(u)'s fresh tensor: a broadcasting out-of-place addcmul is several times slower on CPU.
+        z = ACT_FNS[act](u)
+        out = (z.clone() if z is u else z).mul_(scale).add_(shift)  # never write into u itself (identity)
         ctx.act = act
         ctx.save_for_backward(out if act == "relu" else u, scale, shift)
         return out
@@ -253,9 +101,10 @@ class _ProxyNormActFn(torch.autograd.Function):
             # ATen's threshold_backward: grad where centred > 0 else 0 (several times faster than torch.where).
             grad_u = torch.ops.aten.threshold_backward(grad_out * scale, centred, 0)
             grad_scale = _reduce_to_channel(grad_out * centred) / scale
-        elif ctx.fused and grad_out.dtype == saved.dtype:
-            grad_u, grad_scale, grad_shift = fused_pn_act_backward(grad_out, saved, scale, ctx.act)
-            return grad_u, grad_scale.view(scale.shape), grad_shift.view(shift.shape), None
+        elif torch.is_grad_enabled():
+            # create_graph (double backward): out-of-place, differentiable ops only.
+            grad_u = act_vjp(grad_out, saved, ctx.act) * scale
+            grad_scale = _reduce_to_channel(ACT_FNS[ctx.act](saved) * grad_out)
         else:
             # In-place products on the two fresh tensors: full-size allocations cost page faults on CPU.
             grad_u = act_vjp(grad_out, saved, ctx.act).mul_(scale)
@@ -268,18 +117,13 @@ class _ReluShiftFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.fused = fused_pn_act_applies(u, "relu_shift")
-        # One pass on CPU (ipu_norm.ops.cpu_kernels), else in place on relu's fresh tensor.
-        out = fused_relu_shift_forward(u, shift) if ctx.fused else torch.relu(u).add_(shift)
+        out = torch.relu(u).add_(shift)  # in place on relu's fresh tensor
         ctx.save_for_backward(out, shift)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
         out, shift = ctx.saved_tensors
-        if ctx.fused:
-            grad_u, grad_shift = fused_relu_shift_backward(grad_out, out, shift)
-            return grad_u, grad_shift.view(shift.shape)
         # relu'(u) = [out > shift]; ATen's threshold_backward is several times faster than torch.where on CPU.
         return torch.ops.aten.threshold_backward(grad_out, out - shift, 0), _reduce_to_channel(grad_out)
 

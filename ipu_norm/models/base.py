@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ipu_norm.layers.proxy_norm import prepare_proxy_stats
-
 
 class StemBlocksHead(nn.Module):
     """Base of every registered model (see ipu_norm/models/registry.py for the contract).
@@ -25,8 +23,6 @@ class StemBlocksHead(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map after the last block (before the head, and before its final conv if it has one)."""
-        # Proxy Norm statistics of all layers in one batched computation per forward (a no-op without PN).
-        prepare_proxy_stats(self)
         return self.blocks(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

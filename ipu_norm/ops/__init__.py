@@ -5,7 +5,6 @@ from ipu_norm.ops.proxy_stats import (
     PROXY_NUM_QUANTILES,
     gaussian_quantiles,
     proxy_stats,
-    proxy_stats_reference,
 )
 
-__all__ = ["PROXY_ACTS", "PROXY_NUM_QUANTILES", "gaussian_quantiles", "proxy_stats", "proxy_stats_reference"]
+__all__ = ["PROXY_ACTS", "PROXY_NUM_QUANTILES", "gaussian_quantiles", "proxy_stats"]

@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-
-from ipu_norm.ops.unit_norms import pop_grad_norm, pop_weight_norm
 
 __all__ = ["AGC", "adaptive_clip_grad_", "agc_parameters", "unitwise_norm"]
 
@@ -82,8 +80,7 @@ def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             # 2.6x slower than per-tensor reductions on NFNet-F0) while there is no kernel-launch overhead to
             # amortise: reduce each (rows, row_len) view in place. PyTorch's optimizers likewise use their
             # multi-tensor (foreach) paths on accelerators only. These two reads of the model are DRAM-bound
-            # (~90% of the clip; for the Scaled-WS conv weights of NFNets the WS kernel's recorded norms replace
-            # both reads, see adaptive_clip_grad_). Taking the same norms in post-accumulate-grad hooks during
+            # (~90% of the clip). Taking the same norms in post-accumulate-grad hooks during
             # backward, hoping for cache-hot data, was measured NOT to help on NFNet-F0 (1 thread, see commit
             # 90eb0e8): the tensors are far larger than L2, so backward grew by about what the clip saved.
             for i in idx:
@@ -98,34 +95,16 @@ def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-def _norms(params: list[torch.Tensor], tensors: list[torch.Tensor],
-           pop_recorded: Callable[[torch.Tensor], torch.Tensor | None], use_recorded: bool) -> list[torch.Tensor]:
-    """unitwise_norm of every tensor (of params[i]): a still-valid recorded one where there is one and
-    use_recorded, else computed. Records are consumed either way, so that an unused one cannot be mistaken for a
-    later tensor's."""
-    recorded = [pop_recorded(p) for p in params]
-    if not use_recorded:
-        recorded = [None] * len(params)
-    todo = [i for i, r in enumerate(recorded) if r is None]
-    for i, n in zip(todo, _unitwise_norms_grouped([tensors[i] for i in todo])):
-        recorded[i] = n
-    return recorded  # type: ignore[return-value]
-
-
 @torch.no_grad()
 def adaptive_clip_grad_(
     parameters: Iterable[torch.Tensor] | torch.Tensor,
     clip_factor: float = 0.01,
     eps: float = 1e-3,
-    use_recorded_norms: bool | str = True,
 ) -> None:
     """Clip the .grad of `parameters` in place, unit-wise (module docstring). Parameters without grad are skipped.
 
-    Call on the fully accumulated, all-reduced, unscaled gradient, once per optimizer step.
-    use_recorded_norms: take the unit-wise norms of weights and gradients that a kernel recorded as a by-product
-    while they provably still describe the tensors (`ipu_norm.ops.unit_norms`; the Scaled-WS convs of NFNets on
-    CPU), instead of reading those tensors again; ``"weights"``: only the weights' (after a GradScaler unscale,
-    which rewrites the gradients without bumping their version counters); False: compute every norm here.
+    Call on the fully accumulated, all-reduced, unscaled gradient, once per optimizer step. The unit-wise norms
+    of weights and gradients are computed here, from the tensors as they are, on every call.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -135,8 +114,8 @@ def adaptive_clip_grad_(
     if any(p.grad.is_sparse for p in params):
         raise RuntimeError("adaptive_clip_grad_ does not support sparse gradients")
     grads = [p.grad for p in params]
-    w_norms = _norms(params, [p.detach() for p in params], pop_weight_norm, use_recorded_norms in (True, "weights"))
-    g_norms = _norms(params, grads, pop_grad_norm, use_recorded_norms is True)
+    w_norms = _unitwise_norms_grouped([p.detach() for p in params])
+    g_norms = _unitwise_norms_grouped(grads)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, g in enumerate(grads):  # only builds index lists
         by_device[g.device].append(i)
@@ -207,7 +186,7 @@ class AGC:
     """
 
     def __init__(self, params_or_model: nn.Module | Iterable[torch.Tensor], clip_factor: float = 0.01,
-                 eps: float = 1e-3, use_recorded_norms: bool = True) -> None:
+                 eps: float = 1e-3) -> None:
         if clip_factor <= 0:
             raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
         if isinstance(params_or_model, nn.Module):
@@ -216,23 +195,18 @@ class AGC:
             self.params = list(params_or_model)
         self.clip_factor = float(clip_factor)
         self.eps = float(eps)
-        self.use_recorded_norms = bool(use_recorded_norms)  # see adaptive_clip_grad_
         self.num_clips = 0  # how many times clip_ ran (tests / logging: one per optimizer step)
 
-    def clip_(self, unscaled: bool = False) -> None:
-        """Clip the current (accumulated, all-reduced, unscaled) gradients in place.
-
-        unscaled: the gradients were just unscaled by a GradScaler (recorded gradient norms are of the scaled ones).
-        """
-        recorded = self.use_recorded_norms and ("weights" if unscaled else True)
-        adaptive_clip_grad_(self.params, self.clip_factor, self.eps, recorded)
+    def clip_(self) -> None:
+        """Clip the current (accumulated, all-reduced, unscaled) gradients in place."""
+        adaptive_clip_grad_(self.params, self.clip_factor, self.eps)
         self.num_clips += 1
 
     def step_(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
         """One optimizer step in the correct order: scaler.unscale_ -> clip_ -> (scaler.)step -> scaler.update."""
         if scaler is not None and scaler.is_enabled():
             scaler.unscale_(optimizer)
-            self.clip_(unscaled=True)
+            self.clip_()
             scaler.step(optimizer)
             scaler.update()
         else:

@@ -7,8 +7,7 @@
   wrapped in ``torch.utils.checkpoint`` (non-reentrant): only the run's input — the previous checkpoint's output —
   is saved, and the run is recomputed in backward. The stage's final segment (ending at the stage output, which is
   sent to the next stage anyway) is wrapped too when recomputation is on, matching PopART's per-stage recompute.
-- Proxy Norm: each stage computes the statistics of its own PN layers in one batched call per forward
-  (``prepare_proxy_stats``), before and outside its checkpointed segments, so recomputation reuses them.
+- Proxy Norm: each PN layer computes its statistics in its own forward (recomputed with its segment).
 - Precision: 16.x / bf16 run the stage under ``torch.autocast`` (weights stay fp32: PyTorch AMP); 32.32 runs as is.
 """
 
@@ -22,7 +21,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ipu_norm.core.plan import ExecutionPlan
-from ipu_norm.layers.proxy_norm import prepare_proxy_stats
 
 
 def unit_module(model: nn.Module, name: str) -> nn.Module:
@@ -101,13 +99,7 @@ def build_stage_module(model: nn.Module, plan: ExecutionPlan, stage: int, *, dev
     if dtype is not None:
         module = AutocastModule(module, device_type, dtype)
     stage_module = nn.Sequential(OrderedDict([(f"stage{stage}", module)]))
-    # This stage's PN statistics only (a later stage's layers live on another device / rank).
-    stage_module.register_forward_pre_hook(_prepare_stage_proxy_stats)
     return stage_module
-
-
-def _prepare_stage_proxy_stats(module: nn.Module, args: tuple) -> None:
-    prepare_proxy_stats(module)
 
 
 def build_stage_modules(model: nn.Module, plan: ExecutionPlan, **kwargs: object) -> list[nn.Sequential]:

@@ -128,9 +128,8 @@ class TorchBackend:
             from ipu_norm.optim.agc import adaptive_clip_grad_
 
             # Once per optimizer step, on the accumulated, all-reduced, unscaled gradients, before the step
-            # (which applies weight decay and momentum). After an unscale, only the weights' recorded norms hold.
-            adaptive_clip_grad_(self.agc_params, self.spec.agc_clip, eps=self.spec.agc_eps,
-                                use_recorded_norms="weights" if self.scaler is not None else True)
+            # (which applies weight decay and momentum).
+            adaptive_clip_grad_(self.agc_params, self.spec.agc_clip, eps=self.spec.agc_eps)
         skipped = False
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
