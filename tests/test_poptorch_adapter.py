@@ -674,3 +674,32 @@ def test_uint8_images_are_normalised_in_the_graph() -> None:
     torch.testing.assert_close(loss, nn.functional.cross_entropy(model(xf), y))
     with pytest.raises(TypeError, match="uint8"):
         pa.InferenceModel(model)(x8)
+
+
+def test_backend_accuracy_divides_the_summed_hits_by_the_host_call() -> None:
+    """OutputMode.Sum returns the top-1 hits summed over device iterations, accumulation and replicas: a model that
+    always predicts class 0 (lr 0: it stays so) scores exactly the share of 0 labels; a divisor missing the replicas
+    or the device iterations gives 2x."""
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    s = standin_with_executors()
+    model = TinyNet()
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.arange(10, 0, -1, dtype=torch.float32))  # class 0 wins, fixed logits
+    plan = build_plan({"device": "ipu", "precision": "32.32", "replicas": 2, "device_iterations": 2}, model,
+                      {"micro_batch_size": 2, "global_batch_size": 12})
+    backend = PoptorchBackend(poptorch=s.poptorch)
+    backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), plan,
+                    TrainSpec(criterion=nn.CrossEntropyLoss()))
+    n = backend.micro_batches_per_step
+    assert n == 3 * 2 * 2
+    labels = torch.tensor([0, 1] * n)
+    labels[:4] = 0  # 13 zeros of 24
+    mbs = [(torch.randn(2, 3, 8, 8), labels[2 * k:2 * k + 2]) for k in range(n)]
+    result = backend.train_step(mbs)
+    assert result.accuracy == pytest.approx(int((labels == 0).sum()) / 24, abs=1e-12)
+    logp = torch.log_softmax(torch.arange(10, 0, -1, dtype=torch.float64), 0)
+    assert result.loss == pytest.approx(float(-logp[labels].mean()), rel=1e-6)
