@@ -703,3 +703,20 @@ def test_backend_accuracy_divides_the_summed_hits_by_the_host_call() -> None:
     assert result.accuracy == pytest.approx(int((labels == 0).sum()) / 24, abs=1e-12)
     logp = torch.log_softmax(torch.arange(10, 0, -1, dtype=torch.float64), 0)
     assert result.loss == pytest.approx(float(-logp[labels].mean()), rel=1e-6)
+
+
+def test_mixup_keeps_uint8_images_8_bit() -> None:
+    """Mixup on the host keeps 8-bit input: the mix is computed in float and rounded (reference: the same Mixup,
+    same seed, on float images), so uint8 still crosses the host link; targets are unchanged."""
+    from ipu_norm.data.mixup import MixupCutmix, mix_keeping_dtype
+
+    g = torch.Generator().manual_seed(11)
+    x8 = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 3])
+    make = lambda: MixupCutmix(mixup_alpha=1.0, cutmix_alpha=0.0, num_classes=5, seed=3)  # noqa: E731
+    ref_x, ref_t = make()(x8.float(), y)
+    out_x, out_t = mix_keeping_dtype(make(), x8, y)
+    assert out_x.dtype == torch.uint8
+    assert not torch.equal(out_x, x8)  # it mixed
+    torch.testing.assert_close(out_x.float(), ref_x.round(), atol=0, rtol=0)
+    torch.testing.assert_close(out_t, ref_t)
