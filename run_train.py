@@ -7,10 +7,16 @@ See README.md for the configs and flags; ``--help`` lists the flags.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from ipu_norm.config.cli import parse_args
 from ipu_norm.config.loader import ConfigError, config_to_dict
+
+if TYPE_CHECKING:
+    from ipu_norm.train.trainer import RunResult
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     from ipu_norm.train.interrupt import TrainingInterrupted
     from ipu_norm.train.trainer import NonFiniteTrainingError
 
+    is_main = os.environ.get("RANK", "0") == "0"  # torchrun: errors that every rank hits are printed once
+    if args.resume_any and args.resume is None:
+        print("error: --resume-any only applies with --resume", file=sys.stderr)
+        return 2
     try:
-        result = train_and_finetune(cfg, resume=args.resume, finetune_from=args.finetune_from)
+        result = train_and_finetune(
+            cfg,
+            resume=args.resume,
+            finetune_from=args.finetune_from,
+            overwrite=args.overwrite,
+            resume_any=args.resume_any,
+        )
     except TrainingInterrupted as exc:  # SIGINT/SIGTERM: a checkpoint was written at a step boundary
         if exc.is_main:  # one line per job, not per rank
             print(f"interrupted: {exc}", file=sys.stderr)
@@ -49,13 +65,33 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not expected:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     if not result.is_main:
         return 0
-    metrics = {k: v for k, v in result.final_metrics.items() if k not in ("kind", "time_s")}
-    print(f"done: {result.global_step} steps, {result.epoch} epochs; {metrics}; run dir {result.run_dir}")
+    print_summary(result)
     return 0
+
+
+def print_summary(result: RunResult) -> None:
+    """The closing table: accuracies (final, best, EMA), throughput, wall time, where the files are."""
+    from ipu_norm.train.metrics import read_jsonl
+    from ipu_norm.train.progress import summary_table
+
+    final_path = result.run_dir / "final_metrics.json"
+    final = json.loads(final_path.read_text()) if final_path.exists() else dict(result.final_metrics)
+    metrics_path = result.run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics_path) if metrics_path.exists() else []
+    print(
+        summary_table(
+            final,
+            run_dir=result.run_dir,
+            checkpoint=result.last_checkpoint,
+            records=records,
+            tensorboard=(result.run_dir / "tb").is_dir(),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ TRAIN_ARGS = (
     "--set", "train.keep_checkpoints=2",
 )
 TOTAL_STEPS = 16
-VOLATILE = ("time_s", "img_per_s", "data_wait_s", "data_wait_frac")  # wall-clock fields: may differ
+VOLATILE = ("time_s", "unix_time", "img_per_s", "wall_s", "train_img_per_s", "data_wait_s",
+            "data_wait_frac")  # wall-clock fields: the only ones allowed to differ
 
 
 def _cmd(out: Path, *extra: str, fault: str | None = None, resume: bool = False) -> list[str]:
@@ -187,7 +188,7 @@ def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout_s: floa
         assert proc.poll() is None, f"run ended (code {proc.returncode}) before step {step}"
         lines = path.read_text().splitlines() if path.exists() else []
         rows = [json.loads(line) for line in lines if line.endswith("}")]  # skip a line being written
-        if any(r["kind"] == "train" and r["step"] >= step and r["time_s"] >= started for r in rows):
+        if any(r["kind"] == "train" and r["step"] >= step and r["unix_time"] >= started for r in rows):
             return
         time.sleep(0.01)
     raise TimeoutError(f"no training row of step {step} within {timeout_s} s")
@@ -219,7 +220,7 @@ def test_random_sigkills_then_resume_bit_for_bit(tmp_path: Path) -> None:
             proc = run(_cmd(out, *longer, fault=f"{kind}:1", resume=resume))
             code, stderr = proc.returncode, proc.stderr
         assert code == -signal.SIGKILL, f"attempt {attempt}: exit code {code}\n{stderr[-3000:]}"
-    assert max(_steps(out)) < 32
+    assert max(_steps(out), default=0) < 32  # (on a loaded machine every kill may precede a checkpoint)
     proc = run(_cmd(out, *longer, resume=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not _stale(out)

@@ -192,11 +192,16 @@ def test_finetune_errors_are_one_line(tmp_path: Path, capsys) -> None:
 
 def test_finetune_from_a_run_of_another_model_is_a_clear_error(finished, tmp_path: Path, capsys) -> None:
     _, run, _ = finished
-    argv = ["--config", str(ROOT / "configs" / "tiny_nf_resnet50_agc.yml"), "--finetune-from", str(run)]
+    # --overwrite: the finished run already has a fine-tuning stage (a new one would be refused first); the old
+    # stage is only moved aside once the new one has started, so the weights error leaves it in place.
+    argv = ["--config", str(ROOT / "configs" / "tiny_nf_resnet50_agc.yml"), "--finetune-from", str(run), "--overwrite"]
+    before = sorted(p.name for p in (run / "finetune").iterdir())
     assert run_train.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "its weights do not fit model 'nf_resnet50'" in err[0]
     assert not (run / "finetune" / "checkpoints" / "ckpt_step000000000.pt").exists()
+    assert sorted(p.name for p in (run / "finetune").iterdir()) == before
+    assert not list(run.glob("finetune.old-*"))
 
 
 def test_finetune_section_is_validated(tmp_path: Path) -> None:

@@ -250,7 +250,7 @@ def test_model_table_rows_cover_families() -> None:
     assert [r["name"] for r in rows] == list_models("*resnet50")
     r50 = rows[[r["name"] for r in rows].index("resnet50")]
     assert (r50["family"], r50["norm"], r50["train_size"], r50["test_size"]) == ("resnet", "bn", 224, 224)
-    assert r50["gflops"] == pytest.approx(4.09, abs=0.01)
+    assert r50["gmacs"] == pytest.approx(4.09, abs=0.01)
 
 
 @pytest.mark.slow

@@ -270,7 +270,7 @@ def test_training_run_writes_metrics_config_and_checkpoints(tmp_path: Path) -> N
     val_rows = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in train_rows] == list(range(1, 17))  # log_every_steps: 1
     assert all(r["img_per_s"] > 0 and r["lr"] >= 0 for r in train_rows)
-    assert [r["epoch"] for r in val_rows] == [0, 1]  # validation every epoch, model and EMA
+    assert [r["epoch"] for r in val_rows] == [1, 2]  # validation every epoch (1-based), model and EMA
     assert all({"top1", "top5", "ema_top1", "ema_top5"} <= r.keys() for r in val_rows)
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))

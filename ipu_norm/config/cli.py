@@ -25,6 +25,8 @@ FLAG_KEYS: dict[str, str] = {
     "data": "data.dataset",
     "data_root": "data.root",
     "num_workers": "data.num_workers",
+    "worker_start_method": "data.worker_start_method",
+    "wandb": "train.wandb",
 }
 
 
@@ -53,8 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="run directory for checkpoints and metrics (train.output_dir)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--data", choices=["generated", "imagefolder", "digits"], help="data.dataset")
-    p.add_argument("--data-root", help="data.root")
+    p.add_argument(
+        "--data-root",
+        help="data.root; alone (no --data) on a config with generated data it means --data imagefolder",
+    )
     p.add_argument("--num-workers", type=int, help="data.num_workers")
+    p.add_argument(
+        "--worker-start-method",
+        choices=["fork", "spawn", "forkserver"],
+        help="data.worker_start_method: how DataLoader workers start (default: the platform's)",
+    )
+    p.add_argument(
+        "--wandb",
+        action="store_const",
+        const=True,
+        default=None,
+        help="also log to Weights & Biases (train.wandb; needs `pip install wandb`; WANDB_MODE=offline for local)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run even if the output dir holds one: the old run is renamed to <dir>.old-<date>-<time>",
+    )
+    p.add_argument(
+        "--resume-any",
+        action="store_true",
+        help="with --resume: accept a checkpoint of another run or of a run with another config",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -88,6 +115,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, Sources]:
         value = getattr(args, dest, None)
         if value is not None:
             flags[key] = (value, "--" + dest.replace("_", "-"))
+    if getattr(args, "data_root", None) is not None and getattr(args, "data", None) is None:
+        # --data-root names a folder of images: on a config with generated data it means imagefolder (a digits or
+        # imagefolder config keeps its dataset).
+        peek, _ = load_config_with_sources(args.config, args.overrides, validate=False)
+        if peek.data.dataset == "generated":
+            flags["data.dataset"] = ("imagefolder", "--data-root")
     return load_config_with_sources(args.config, args.overrides, flags)
 
 

@@ -346,6 +346,13 @@ def validate_config(cfg: Config, sources: Sources | None = None) -> Config:
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}", s)
     _check(t.val_every_epochs >= 0, "train.val_every_epochs", "must be >= 0 (0 = only at the end)", s)
     _check(d.dataset != "imagefolder" or bool(d.root), "data.root", "dataset 'imagefolder' needs data.root", s)
+    _check(
+        d.dataset != "generated" or d.root is None,
+        "data.root",
+        f"is set ({d.root}) but data.dataset is 'generated' (random images, no files read); set data.dataset: "
+        "imagefolder (--data imagefolder) to train on the images there",
+        s,
+    )
     _check(m.drop_rate is None or 0 <= m.drop_rate < 1, "model.drop_rate", "must be in [0, 1)", s)
     _check(m.drop_path_rate is None or 0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)", s)
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}", s)

@@ -53,6 +53,8 @@ class DataConfig:
     train_size: int | None = None  # training image side; null = model default_cfg['train_size']
     test_size: int | None = None  # validation image side; null = model default_cfg['test_size']
     num_workers: int = 2
+    # How DataLoader workers start: fork, spawn or forkserver; null = the platform's default (fork on Linux).
+    worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None
     generated_samples: int = 1024  # size of the generated training set (validation: generated_val_samples)
     generated_val_samples: int = 256
     digits_image_size: int = 32  # side of the exported digits images (upsampled from 8x8)
@@ -116,7 +118,10 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None  # null = at the end of every epoch (and at the end)
     keep_checkpoints: int = 3
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # one run per directory (see ipu_norm/train/run_dir.py)
+    tensorboard: bool = True  # event files in <output_dir>/tb (needs the tensorboard package)
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works)
+    wandb_project: str = "ipu_norm"
     deterministic: bool = False
     progress_bar: bool = True
     # Stop (with an error, checkpoints kept) after this many optimizer steps in a row whose loss was non-finite or

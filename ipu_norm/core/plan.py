@@ -330,10 +330,11 @@ def build_plan(
         gbs = int(gbs)
         per_pass = mbs * replicas
         if gbs % per_pass:
-            lo, hi = (gbs // per_pass) * per_pass, (gbs // per_pass + 1) * per_pass
+            valid = sorted({(gbs // per_pass) * per_pass, (gbs // per_pass + 1) * per_pass} - {0})
             raise PlanError(
                 f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x replicas = {mbs} x {replicas} "
-                f"= {per_pass}; use global_batch_size {lo or per_pass} or {hi}, or change the micro-batch / replicas"
+                f"= {per_pass}; use global_batch_size {' or '.join(map(str, valid))}, or change the micro-batch / "
+                "replicas"
             )
         accum = gbs // per_pass
         if accum_cfg is not None and int(accum_cfg) != accum:

@@ -59,7 +59,8 @@ def export_digits_imagefolder(
     pick another root) rather than silently mixing two datasets.
 
     Args:
-        root: destination folder (created if needed).
+        root: destination folder (created if needed; its parent folder must exist: a mistyped path does not
+            create a tree of folders).
         image_size: side of the written square images.
         val_fraction: fraction of each class that goes to ``val``.
         seed: random state of the stratified split.
@@ -75,6 +76,8 @@ def export_digits_imagefolder(
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     root = Path(root)
+    if not root.parent.is_dir():
+        raise FileNotFoundError(f"data.root {root}: the folder {root.parent} does not exist (create it, fix the path)")
     train_dir, val_dir = root / "train", root / "val"
     params = _export_params(image_size, val_fraction, seed, limit_per_class)
 
@@ -101,7 +104,7 @@ def export_digits_imagefolder(
         indices, test_size=val_fraction, stratify=labels[indices], random_state=seed, shuffle=True
     )
 
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(exist_ok=True)
     tmp = root / f".tmp-export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         for split, split_idx in (("train", train_idx), ("val", val_idx)):

@@ -272,32 +272,66 @@ def summarize(result: dict[str, Any]) -> list[str]:
     return facts
 
 
+ZERO = 1e-10  # below this a statistic is zero up to float rounding (BN's batch-normalised channel means)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Three panels (stream squared mean, stream variance, branch variance) vs block, log y."""
+    """Write :func:`figure` to ``path``."""
+    fig = figure(result)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(result: dict[str, Any]) -> Any:
+    """The figure: stream/branch channel squared mean and variance vs block (log y), and the two NF law panels.
+
+    Values that are zero up to rounding (BN zeroes every channel mean of what it normalises) cannot sit on a log
+    axis: they are drawn as triangles on the panel's bottom edge and said so in the legend.
+    """
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.lines import Line2D  # noqa: PLC0415
 
-    keys = (("stream_sq_mean", "residual stream: avg channel squared mean"),
-            ("stream_var", "residual stream: avg channel variance"),
-            ("branch_sq_mean", "residual branch: avg channel squared mean"),
-            ("branch_var", "residual branch: avg channel variance"))
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    keys = (("stream_sq_mean", "residual stream: channel means", "mean over channels of $\\mu_c^2$"),
+            ("stream_var", "residual stream: channel variances", "mean over channels of $\\sigma_c^2$"),
+            ("branch_sq_mean", "residual branch: channel means", "mean over channels of $\\mu_c^2$"),
+            ("branch_var", "residual branch: channel variances", "mean over channels of $\\sigma_c^2$"))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9.5))
     axes = axes.ravel()
-    for ax, (key, title) in zip(axes[:4], keys):
-        for label, rows in result["models"].items():
-            ys = [max(r[key], 1e-12) for r in rows]
+    handles: dict[str, Any] = {}
+    any_zero = False
+    for ax, (key, title, ylabel) in zip(axes[:4], keys):
+        for i, (label, rows) in enumerate(result["models"].items()):
+            color = f"C{i}"
             style = "-" if "+pn" in label else ("--" if label.startswith("nf") else ":")
-            ax.plot([r["block"] for r in rows], ys, style, marker="o", ms=3, label=label)
+            blocks = [r["block"] for r in rows]
+            ys = [r[key] if r[key] > ZERO else float("nan") for r in rows]
+            (line,) = ax.plot(blocks, ys, style, color=color, marker="o", ms=3, label=label)
+            handles.setdefault(label, line)
+            zeros = [b for b, r in zip(blocks, rows) if r[key] <= ZERO]
+            if zeros:
+                any_zero = True
+                ax.plot(zeros, [0.0] * len(zeros), "v", color=color, ms=7, clip_on=False,
+                        transform=ax.get_xaxis_transform())
         first = next(iter(result["models"].values()))
         for r in first:
             if r["transition"] and r["block"] > 0:
                 ax.axvline(r["block"] - 0.5, color="grey", lw=0.5, alpha=0.5)
         ax.set_yscale("log")
-        ax.set_xlabel("residual block")
+        ax.set_xlabel("residual block (grey lines: stage transitions)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=8)
+        ax.grid(True, axis="y", which="major", alpha=0.3)
+    legend_items = list(handles.values())
+    if any_zero:
+        legend_items.append(Line2D([], [], ls="", marker="v", color="grey", ms=7,
+                                   label="zero (up to rounding): on the bottom edge"))
+    fig.legend(handles=legend_items, loc="upper center", ncol=len(legend_items), fontsize=9,
+               bbox_to_anchor=(0.5, 0.955), frameon=False)
     if result.get("nf_law"):
         law = result["nf_law"]
         blocks = [r["block"] for r in law]
@@ -306,6 +340,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(blocks, [r["law"] for r in law], "k-", lw=1, label="law: 1 (reset) + k alpha^2")
         ax.set_title("NF residual stream second moment vs variance law", fontsize=10)
         ax.set_xlabel("residual block")
+        ax.set_ylabel("$E[h^2]$ / stage reset value")
         ax.legend(fontsize=8)
         ax = axes[5]
         ax.plot(blocks, [r["branch_gain"] for r in law], "o--", ms=4, label="branch var x beta^2 / E[h^2]")
@@ -313,15 +348,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 2 * law[0]["alpha_sq"])
         ax.set_title("NF residual branch: variance added per block", fontsize=10)
         ax.set_xlabel("residual block")
+        ax.set_ylabel("branch variance x $\\beta^2$ / $E[h^2]$")
         ax.legend(fontsize=8)
     else:
         axes[4].axis("off")
         axes[5].axis("off")
     fig.suptitle(f"Signal propagation at init: {result['arch']} (+NF counterpart), N(0,1) input "
                  f"{result['batch']}x3x{result['resolution']}x{result['resolution']}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -12,7 +12,8 @@
 3. The headline: BN at micro-batch 32 against GN+PN at micro-batch 2 with gradient accumulation 16 (same
    global batch 32).
 
-It writes ``memory_compare.md`` (the same tables) and ``memory_compare.png`` (memory vs micro-batch per norm)
+It writes ``memory_compare.md`` (the same tables) and ``memory_compare.png`` (the headline, per-IPU fit, memory vs
+micro-batch; see ``figure``)
 to ``--out``.
 """
 
@@ -24,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -250,38 +252,114 @@ def headline(
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs: Sequence[int], base: IPUScenario,
-         path: str) -> None:
-    """memory vs micro-batch per norm: CPU fp32 training memory and the single-IPU estimate, per architecture."""
+def _stage_memory(r: NormResult, base: IPUScenario, mb: int, accumulation: int, n: int, recompute: str) -> float:
+    """Largest pipeline stage (bytes) of ``r`` at micro-batch ``mb`` on ``n`` IPUs (as :func:`smallest_fit` plans)."""
+    return base.estimate(r.profile, mb, n, recompute, max(accumulation, min_accumulation(n))).max_total
+
+
+def figure(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs: Sequence[int], base: IPUScenario,
+           ipus: Sequence[int] = IPU_COUNTS, big: int = 32, small: int = 2) -> Any:
+    """The memory picture, one row per architecture (the headline at a glance):
+
+    1. the same global batch ``big``: BN at micro-batch ``big`` against the batch-independent norms (GN+PN, LN+PN,
+       NF) at micro-batch ``small`` x ``big/small`` accumulation; CPU/GPU fp32 memory and the 1-IPU estimate, each
+       bar labelled with its share of BN's;
+    2. per-IPU fit: the largest pipeline stage on 1..8 IPUs against the 900 MB of one IPU (with recompute dashed);
+    3. memory vs micro-batch for every norm: per micro-batch they cost the same - the difference is the
+       micro-batch each one needs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    acc = big // small
+    budget = base.ipu_memory_bytes / MB
+    colors = {"bn": "C3", "gn": "C1", "gn+pn": "C0", "ln+pn": "C2", "nf": "C4"}
     archs = list(results)
-    fig, axes = plt.subplots(len(archs), 2, figsize=(11, 4 * len(archs)), squeeze=False)
+    fig, axes = plt.subplots(len(archs), 3, figsize=(20, 5.6 * len(archs)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1, 1]})
     for row, arch in enumerate(archs):
-        ax_cpu, ax_ipu = axes[row]
-        for i, (norm, r) in enumerate(zip(norms, results[arch])):
-            if r is None:
-                continue
-            # distinct dashes and markers: some norms coincide (BN and GN save the same bytes)
-            style = {"marker": "osv^D"[i % 5], "ls": ["-", "--", "-", "--", ":"][i % 5], "label": norm,
-                     "markersize": 7 - i, "alpha": 0.85}
-            ax_cpu.plot(mbs, [r.train_bytes(m) / MB for m in mbs], **style)
-            ipu = [base.estimate(r.profile, m).max_total / MB for m in mbs]
-            ax_ipu.plot(mbs, ipu, **style)
-        ax_ipu.axhline(base.ipu_memory_bytes / MB, color="k", ls="--", lw=1, label="900 MB IPU")
-        for ax, title in ((ax_cpu, "CPU fp32 training memory"), (ax_ipu, f"1-IPU estimate ({base.precision})")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xticks(list(mbs), [str(m) for m in mbs])
-            ax.set_xlabel("micro-batch")
-            ax.set_ylabel("MB")
-            ax.set_title(f"{arch}: {title}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+        by_norm = {n: r for n, r in zip(norms, results[arch]) if r is not None}
+        ax_bar, ax_fit, ax_mb = axes[row]
+        # 1. the headline: same global batch, BN at its micro-batch vs the batch-independent norms at `small`
+        cases = [("bn", big, 1)] + [(n, small, acc) for n in ("gn+pn", "ln+pn", "nf") if n in by_norm]
+        cases = [c for c in cases if c[0] in by_norm]
+        width = 0.8 / max(len(cases), 1)
+        group_names = ["CPU/GPU training, fp32\n(measured)", f"one IPU, {base.precision}\n(estimate)"]
+        for i, (norm, mb, a) in enumerate(cases):
+            r = by_norm[norm]
+            values = [r.train_bytes(mb) / MB, _stage_memory(r, base, mb, a, 1, "none") / MB]
+            label = f"{norm.upper()} at micro-batch {mb}"
+            label += f" x {a} accumulation" if a > 1 else ""
+            xs = [g + (i - (len(cases) - 1) / 2) * width for g in range(2)]
+            bars = ax_bar.bar(xs, values, width * 0.92, color=colors.get(norm, "grey"), label=label)
+            bn_values = [by_norm["bn"].train_bytes(big) / MB,
+                         _stage_memory(by_norm["bn"], base, big, 1, 1, "none") / MB] if "bn" in by_norm else None
+            for b, v, g in zip(bars, values, range(2)):
+                text = f"{v:,.0f} MB"
+                if bn_values is not None and norm != "bn":
+                    text += f"\n1/{bn_values[g] / v:.1f} of BN"
+                ax_bar.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7,
+                                xytext=(0, 2), textcoords="offset points")
+        ax_bar.hlines(budget, 0.55, 1.45, colors="k", linestyles="--", lw=1.2, label=f"one IPU: {budget:.0f} MB")
+        ax_bar.set_xticks([0, 1], group_names)
+        ax_bar.set_ylabel("memory, MB")
+        ax_bar.set_ylim(0, ax_bar.get_ylim()[1] * 1.15)
+        ax_bar.set_title(f"{arch}: global batch {big} - BN at micro-batch {big} vs batch-independent norms at "
+                         f"{small} x {acc}", fontsize=10)
+        ax_bar.legend(fontsize=8, loc="upper right")
+        # 2. per-IPU fit
+        for norm, mb, a in cases:
+            r = by_norm[norm]
+            for rc, ls in (("none", "-"), ("recompute", "--")):  # recompute: what PopTorch runs (Standard/Pipeline)
+                ys = [_stage_memory(r, base, mb, a, n, rc if rc == "none" else default_recompute(n)) / MB
+                      for n in ipus]
+                name = f"{norm} @{mb}" + (f"x{a}" if a > 1 else "") + (" + recompute" if rc != "none" else "")
+                ax_fit.plot(list(ipus), ys, ls, marker="o", color=colors.get(norm, "grey"), label=name,
+                            alpha=1.0 if rc == "none" else 0.6)
+        ax_fit.axhline(budget, color="k", ls="--", lw=1.2)
+        ax_fit.annotate(f"fits below: {budget:.0f} MB per IPU", (ipus[0], budget), xytext=(2, 3),
+                        textcoords="offset points", fontsize=8)
+        ax_fit.set_xscale("log", base=2)
+        ax_fit.set_xticks(list(ipus), [str(n) for n in ipus])
+        ax_fit.set_yscale("log")
+        ax_fit.set_xlabel("IPUs per replica (pipeline stages)")
+        ax_fit.set_ylabel("largest stage, MB (estimate)")
+        ax_fit.set_title(f"{arch}: per-IPU fit ({base.precision}, {base.spec.optimizer})", fontsize=10)
+        ax_fit.grid(True, which="both", alpha=0.3)
+        ax_fit.legend(fontsize=7, ncol=2)
+        # 3. memory vs micro-batch: the same cost per sample, a different micro-batch
+        for norm, r in by_norm.items():
+            ax_mb.plot(mbs, [r.train_bytes(m) / MB for m in mbs], color=colors.get(norm, "grey"), lw=1.2,
+                       alpha=0.8, label=norm)
+        if "bn" in by_norm and "gn+pn" in by_norm:
+            p_bn = (big, by_norm["bn"].train_bytes(big) / MB)
+            p_pn = (small, by_norm["gn+pn"].train_bytes(small) / MB)
+            ax_mb.plot(*p_bn, "o", ms=11, mfc="none", mew=2, color=colors["bn"])
+            ax_mb.plot(*p_pn, "o", ms=11, mfc="none", mew=2, color=colors["gn+pn"])
+            ax_mb.annotate("", p_pn, p_bn, arrowprops={"arrowstyle": "->", "lw": 1.5})
+            ax_mb.annotate(f"BN needs micro-batch {big}: {p_bn[1]:,.0f} MB\nGN+PN at {small} x {acc}: "
+                           f"{p_pn[1]:,.0f} MB ({p_bn[1] / p_pn[1]:.1f}x less)",
+                           (0.03, 0.97), xycoords="axes fraction", va="top", fontsize=8)
+        ax_mb.set_xscale("log", base=2)
+        ax_mb.set_yscale("log")
+        ax_mb.set_xticks(list(mbs), [str(m) for m in mbs])
+        ax_mb.set_xlabel("micro-batch")
+        ax_mb.set_ylabel("CPU/GPU fp32 training memory, MB")
+        ax_mb.set_title(f"{arch}: per micro-batch all norms cost about the same", fontsize=10)
+        ax_mb.grid(True, which="both", alpha=0.3)
+        ax_mb.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict[str, list[NormResult | None]], norms: Sequence[str], mbs: Sequence[int], base: IPUScenario,
+         path: str, ipus: Sequence[int] = IPU_COUNTS) -> None:
+    """Write :func:`figure` to ``path``."""
+    fig = figure(results, norms, mbs, base, ipus)
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -386,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     png_path = os.path.join(args.out, "memory_compare.png")
     with open(md_path, "w") as f:
         f.write(text)
-    plot(results, norms, mbs, base, png_path)
+    plot(results, norms, mbs, base, png_path, args.ipus)
     print(f"wrote {md_path} and {png_path}", file=sys.stderr)
     return 0
 

@@ -1,8 +1,8 @@
 """`python -m ipu_norm.models --list [--norm ln+pn] [--filter 'efficientnet*']`: the model table.
 
 For every registered model (built on the meta device, so it is fast and allocates nothing): name, family,
-norm, parameters (millions), GFLOPs at the test resolution (= GMACs, the papers' convention, see
-flops.py) and train/test resolutions from default_cfg.
+norm, parameters (millions), GMACs (multiply-accumulates, what the papers call "FLOPs", see flops.py) at the
+test resolution and train/test resolutions from default_cfg.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def model_rows(pattern: str = "*", norm: str | None = None, flops: bool = True) 
             "family": cfg.get("family", model_family(name)),
             "norm": cfg.get("norm", norm or "?"),
             "params_m": count_params(model) / 1e6,
-            "gflops": count_flops(model, test_size).gflops if flops else float("nan"),
+            "gmacs": count_flops(model, test_size).gflops if flops else float("nan"),
             "train_size": cfg.get("train_size", "?"),
             "test_size": test_size,
         }
@@ -52,11 +52,11 @@ def model_rows(pattern: str = "*", norm: str | None = None, flops: bool = True) 
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of model_rows()."""
-    head = "| name | family | norm | params (M) | GFLOPs (MACs, test res) | train/test res |"
+    head = "| name | family | norm | params (M) | GMACs (test res) | train/test res |"
     lines = [head, "|---|---|---|---:|---:|---|"]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['family']} | {r['norm']} | {r['params_m']:.2f} | {r['gflops']:.2f} "
+            f"| {r['name']} | {r['family']} | {r['norm']} | {r['params_m']:.2f} | {r['gmacs']:.2f} "
             f"| {r['train_size']}/{r['test_size']} |"
         )
     return "\n".join(lines)

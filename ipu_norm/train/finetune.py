@@ -197,6 +197,8 @@ def finetune(
     *,
     resume: str | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    resume_any: bool = False,
 ) -> RunResult:
     """Fine-tune the run ``source`` (run directory or checkpoint file) as ``cfg.finetune`` says.
 
@@ -214,7 +216,14 @@ def finetune(
     done = state["progress"]["epoch"]
     if src_epochs is not None and done < src_epochs:
         say(f"NOTE: {path} is from epoch {done} of {src_epochs}: the main training did not finish")
-    return train(ft_cfg, resume=resume, log=log, model_hook=prepare_model(state, path, ft_cfg, say))
+    return train(
+        ft_cfg,
+        resume=resume,
+        log=log,
+        model_hook=prepare_model(state, path, ft_cfg, say),
+        overwrite=overwrite,
+        resume_any=resume_any,
+    )
 
 
 def train_and_finetune(
@@ -223,6 +232,8 @@ def train_and_finetune(
     resume: str | None = None,
     finetune_from: str | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    resume_any: bool = False,
 ) -> RunResult:
     """What ``run_train.py`` runs: the main training and/or the fine-tuning stage.
 
@@ -230,14 +241,16 @@ def train_and_finetune(
     - else the main training (``resume`` applies to it), then, when ``finetune.enabled`` and the training
       completed ``train.epochs`` (not cut short by ``train.max_steps``), the fine-tuning of its output
       (resumed from its own latest checkpoint when ``resume`` was given).
+
+    ``overwrite`` / ``resume_any`` apply to the run started (or resumed) first (see ``run_dir.py``).
     """
     if finetune_from is not None:
-        return finetune(cfg, finetune_from, resume=resume, log=log)
+        return finetune(cfg, finetune_from, resume=resume, log=log, overwrite=overwrite, resume_any=resume_any)
     if cfg.finetune.enabled and cfg.finetune.first_trainable is not None:
         from ipu_norm.train.builders import build_model
 
         _module_order(build_model(cfg.model), cfg.finetune.first_trainable)  # a typo fails now, not after training
-    result = train(cfg, resume=resume, log=log)
+    result = train(cfg, resume=resume, log=log, overwrite=overwrite, resume_any=resume_any)
     if not cfg.finetune.enabled:
         return result
     if result.epoch < cfg.train.epochs:

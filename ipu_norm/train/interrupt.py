@@ -8,13 +8,26 @@ finish"). ``--resume`` then continues bit for bit on CPU. A second signal of the
 behaviour (KeyboardInterrupt / termination) for a user who does not want to wait.
 
 Under torchrun every rank calls ``should_stop`` at every step boundary; the flag is all-reduced, so all ranks stop
-after the same step and write the checkpoint together even if only one of them got the signal.
+after the same step and write the checkpoint together even if only one of them got the signal. torchrun forwards the
+signal it gets to its workers, so a signal to the process group reaches each rank twice: under a launcher
+(``TORCHELASTIC_RUN_ID`` set) a repeated signal does not escalate (the launcher itself kills its workers after its
+shutdown timeout).
+
+A signal to the whole process group (``timeout``, SLURM's ``scancel``, Kubernetes, Ctrl-C in a terminal) also reaches
+the DataLoader's worker processes. They must not die of it (the main process would fail with "DataLoader worker is
+killed by signal"): the trainer starts them inside :func:`starting_workers` and gives them
+:func:`worker_ignores_stop_signals` as ``worker_init_fn`` (:func:`shield_loader_workers`), for the fork, spawn and
+forkserver start methods alike. They end when the main process shuts them down (or exits).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,14 +56,17 @@ class TrainingInterrupted(Exception):
 class StopRequest:
     """Records the first SIGINT/SIGTERM between ``install()`` and ``uninstall()`` (main thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool | None = None) -> None:
+        """``escalate``: a second signal of the same kind gets the default behaviour; default: not under torchrun."""
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self.escalate = launched_by_agent() is False if escalate is None else escalate
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        # A second signal of the same kind acts as if we were not there (Ctrl-C twice = KeyboardInterrupt now).
-        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+        if self.escalate:
+            # A second signal of the same kind acts as if we were not there (Ctrl-C twice = KeyboardInterrupt now).
+            signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
 
     def install(self) -> None:
         """Handle SIGINT/SIGTERM from now on (until ``uninstall``); a no-op outside the main thread."""
@@ -80,3 +96,51 @@ class StopRequest:
         # Decide on the reduced values only: a signal that lands on this rank after it contributed its flag is
         # counted at the next step, by every rank alike (deciding on self.signum here could split the ranks).
         return bool(got_int or got_term)
+
+
+def launched_by_agent() -> bool:
+    """Whether torchrun (torch.distributed.elastic) started this process: it forwards the signals it gets."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+@contextlib.contextmanager
+def starting_workers() -> Iterator[None]:
+    """Start DataLoader worker processes inside this block: they will not die of a signal to the process group.
+
+    For the block, SIGINT/SIGTERM are blocked and ignored in the main thread. Children inherit both through
+    ``fork`` (the blocked mask and the ignored disposition), ``exec`` (the ignored disposition: spawn) and the
+    forkserver (started in the block on first use, it passes both on). The workers then keep ignoring them:
+    :func:`worker_ignores_stop_signals` is their ``worker_init_fn`` (PyTorch's worker loop installs its own SIGTERM
+    handler before calling it). Afterwards the main process's handlers and mask are restored; a signal that arrived
+    meanwhile stays pending (Linux never discards a blocked signal) and is delivered then. A no-op outside the main
+    thread and where ``signal.pthread_sigmask`` does not exist (Windows).
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    previous = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+    try:
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def worker_ignores_stop_signals(worker_id: int, then: Callable[[int], None] | None = None) -> None:
+    """A DataLoader ``worker_init_fn``: ignore SIGINT/SIGTERM (the main process decides), then call ``then``."""
+    for s in HANDLED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+def shield_loader_workers(loader: Any) -> None:
+    """Make ``loader``'s workers ignore SIGINT/SIGTERM (wraps its ``worker_init_fn``; picklable for spawn)."""
+    init = loader.worker_init_fn
+    if not (isinstance(init, functools.partial) and init.func is worker_ignores_stop_signals):
+        loader.worker_init_fn = functools.partial(worker_ignores_stop_signals, then=init)

@@ -18,8 +18,8 @@ import json
 import math
 import os
 import random
-import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,11 @@ from ipu_norm.train.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from ipu_norm.train.interrupt import StopRequest, TrainingInterrupted
+from ipu_norm.train.interrupt import StopRequest, TrainingInterrupted, shield_loader_workers, starting_workers
 from ipu_norm.train.metrics import MetricsLogger, topk_correct
+from ipu_norm.train.progress import RunBar, validation_progress
+from ipu_norm.train.run_dir import check_new_run, check_resume, move_aside, new_run_id, read_run_id, write_run_info
+from ipu_norm.train.tracking import Tracker
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -74,6 +77,8 @@ class RunResult:
     run_dir: Path
     last_checkpoint: Path | None
     is_main: bool = True  # rank 0 (the process that writes files and prints)
+    wall_s: float | None = None  # seconds since the run started (over all its resumed parts)
+    train_img_per_s: float | None = None  # training throughput of this process's part of the run (all ranks)
 
 
 @contextlib.contextmanager
@@ -104,7 +109,11 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         backend: Backend | None = None,
         model_hook: Callable[[nn.Module], None] | None = None,
+        overwrite: bool = False,
+        resume_any: bool = False,
     ) -> None:
+        """``overwrite``: a new run may replace (move aside) a run in the output dir; ``resume_any``: accept a
+        checkpoint of another run or config (see ``run_dir.py``)."""
         from ipu_norm.core.plan import build_plan
         from ipu_norm.data import DeviceInput, MixupCutmix, ResumableSampler, build_dataset, build_loader, mix_seed
 
@@ -116,6 +125,12 @@ class Trainer:
         t, d = cfg.train, cfg.data
         self.run_dir = Path(t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self._t_start, self._elapsed_before = time.perf_counter(), 0.0
+        self._resume_any = resume_any
+        # A new run never writes into another run's directory (checked before anything is built or written).
+        self._move_old_run = resume is None and check_new_run(self.run_dir, overwrite=overwrite)
+        barrier(self.dist)  # every rank has checked before rank 0 writes anything there
+        self.run_id = new_run_id()
 
         if cfg.execution.device == "cpu" and cfg.execution.precision in ("16.32", "16.16"):
             self.log(
@@ -168,10 +183,13 @@ class Trainer:
         num_workers = min(d.num_workers, os.cpu_count() or 1)
         if num_workers < d.num_workers:
             self.log(f"NOTE: data.num_workers={d.num_workers} > {num_workers} CPU cores; using {num_workers} workers")
-        self.train_set = build_dataset(
-            d.dataset, "train", generated_samples=d.generated_samples, train_augment=d.train_augment, **common
-        )
-        self.val_set = build_dataset(d.dataset, "val", generated_samples=d.generated_val_samples, **common)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.train_set = build_dataset(
+                d.dataset, "train", generated_samples=d.generated_samples, train_augment=d.train_augment, **common
+            )
+            self.val_set = build_dataset(d.dataset, "val", generated_samples=d.generated_val_samples, **common)
+        self._report_dataset_warnings(caught)
         self.sampler = ResumableSampler(
             len(self.train_set),
             shuffle=True,
@@ -206,6 +224,10 @@ class Trainer:
             seed=mix_seed(t.seed, 2, self.dist.rank),
             pin_memory=cfg.execution.device == "cuda",
         )
+        for loader in (self.train_loader, self.val_loader):
+            shield_loader_workers(loader)  # a signal to the process group is the main process's to handle
+            if d.worker_start_method is not None and num_workers > 0:
+                loader.multiprocessing_context = d.worker_start_method
         # One backend call consumes `micro_per_call` micro-batches of this process and makes `steps_per_call`
         # optimizer steps: 1 step of `accum` micro-batches on CPU/GPU; on IPUs, device_iterations steps over
         # this process's replicas (PopTorch runs the whole loop on the device).
@@ -269,18 +291,33 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of `epoch` this process has consumed
         self.samples_seen = 0
         self.last_checkpoint: Path | None = None
+        self._train_samples, self._train_seconds = 0, 0.0  # this process's training throughput (summary)
         self._last_saved_step = -1
         self._bad_steps: list[int] = []  # the current run of consecutive non-finite / skipped steps
         self._metrics_offsets: dict[str, int] | None = None  # what this run dir had logged at the resumed checkpoint
         self._last_validation: dict[str, Any] = {}  # the newest validation record (saved in checkpoints)
         if resume is not None:
             self._resume(resume)
+        if self._move_old_run and self.is_main:
+            self.log(f"--overwrite: moved the previous run in {self.run_dir} to {move_aside(self.run_dir)}")
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         if self._metrics_offsets is not None:
             self.metrics.truncate(self._metrics_offsets)  # rows after the checkpoint are logged again below
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_info(self.run_dir, self.run_id)
             dump_config(cfg, self.run_dir / "config.yaml")
+        self.tracker = Tracker(
+            self.run_dir,
+            tensorboard=t.tensorboard,
+            wandb=t.wandb,
+            wandb_project=t.wandb_project,
+            run_id=self.run_id,
+            config=config_to_dict(cfg),
+            purge_step=self.global_step if resume is not None else None,
+            enabled=self.is_main,
+            log=self.log,
+        )
         norm = (getattr(self.model, "default_cfg", None) or {}).get("norm", cfg.model.norm)
         self.log(
             f"model {cfg.model.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
@@ -291,7 +328,32 @@ class Trainer:
             + (f" (capped at {t.max_steps} steps)" if t.max_steps else "")
             + f" | lr {self.optimizer.param_groups[0]['initial_lr']:.4g} | run dir {self.run_dir}"
         )
-        self.log(f"plan: {self.plan.describe()}")
+        if cfg.execution.device == "ipu":
+            self.log(f"plan: {self.plan.describe()}")
+        else:
+            self.log(f"device: {_describe_device(self.backend.device, cfg.execution.precision)}")
+
+    def _elapsed(self) -> float:
+        """Seconds since the run started, over all its resumed parts (the metrics' ``time_s``)."""
+        return self._elapsed_before + time.perf_counter() - self._t_start
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Log one metrics record to the files and the trackers."""
+        self.metrics.log(record)
+        self.tracker.log(record)
+
+    def _report_dataset_warnings(self, caught: list[warnings.WarningMessage]) -> None:
+        """Class-count warnings of the datasets as one NOTE line; other warnings shown as usual."""
+        notes = []
+        for w in caught:
+            if "num_classes" in str(w.message):
+                notes.append(str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        if notes:
+            self.log(
+                "NOTE: " + "; ".join(dict.fromkeys(notes)) + " (the outputs of the missing classes are never a target)"
+            )
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -321,11 +383,16 @@ class Trainer:
                     raise CheckpointError(f"--resume {resume}: no usable checkpoint in {where}")
                 self.log(f"NOTE: --resume: no usable checkpoint in {where}; starting from scratch")
                 self._metrics_offsets = {"metrics.jsonl": 0, "metrics.csv": 0}  # rows of steps done again
+                self.run_id = read_run_id(self.run_dir) or self.run_id
                 return
             path, state = found
         else:
             path = Path(resume)
             state = load_checkpoint(path)
+        self.run_id = check_resume(
+            state, path, run_dir=self.run_dir, config=config_to_dict(self.cfg), resume_any=self._resume_any
+        )
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -415,6 +482,8 @@ class Trainer:
                 "last_validation": self._last_validation,
                 "world_size": self.dist.world_size,
                 "config": config_to_dict(self.cfg),
+                "run_id": self.run_id,
+                "elapsed_s": self._elapsed(),
             }
             path = save_checkpoint(state, self.ckpt_dir, self.global_step, self.cfg.train.keep_checkpoints)
             self.last_checkpoint = path
@@ -440,10 +509,15 @@ class Trainer:
         count = unreadable = 0
         # One model at a time over the whole set: the IPU backend swaps each model's weights into its one inference
         # executor once per evaluation, not once per batch.
+        show_bar = self.is_main and self.cfg.train.progress_bar
         for prefix, module in models:
             with preserved_rng():
                 self.val_loader.sampler.set_epoch(0)
-                for images, labels in self.val_loader:
+                with starting_workers():  # workers started here ignore a signal to the process group
+                    batches = iter(self.val_loader)
+                label = f"validate {prefix.rstrip('_') or 'model'}"
+                for images, labels in validation_progress(batches, len(self.val_loader), bar=show_bar, log=self.log,
+                                                          label=label):
                     images = self.device_input(images)
                     if prefix == models[0][0]:
                         # Stand-ins for unreadable files carry IGNORE_TARGET: out of the count (never correct in
@@ -497,21 +571,25 @@ class Trainer:
         interrupted = False  # SIGINT/SIGTERM: checkpoint at the next step boundary, then TrainingInterrupted
         stop_request = StopRequest()
         stop_request.install()
+        run_steps = min(self.total_steps, max_steps) if max_steps is not None else self.total_steps
+        bar = RunBar(run_steps, min(self.global_step, run_steps), t.epochs, enabled=self.is_main and t.progress_bar)
         try:
             while self.epoch < t.epochs and not stop and not interrupted:
                 epoch = self.epoch
                 self.sampler.set_epoch(epoch)
                 self.sampler.set_start_batch(self.batch_in_epoch, self.micro)
                 start_call = self.batch_in_epoch // self.micro_per_call
-                # The IPU backend loads each epoch through its own poptorch.DataLoader (whole host calls).
+                # The IPU backend loads each epoch through its own poptorch.DataLoader (whole host calls); its
+                # loading process starts when it is built.
                 epoch_loader = getattr(self.backend, "epoch_loader", None)
-                loader = epoch_loader(self.train_loader) if epoch_loader is not None else self.train_loader
-                it = iter(loader)
-                bar = self._progress(epoch, start_call * self.steps_per_call)
+                with starting_workers():  # workers started here ignore a signal to the process group
+                    loader = epoch_loader(self.train_loader) if epoch_loader is not None else self.train_loader
+                    it = iter(loader)
                 window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                 self._data_wait = 0.0
                 save_after_validation = False
                 for call in range(start_call, self.calls_per_epoch):
+                    step_t0 = time.perf_counter()
                     micro_batches = self._micro_batches(it)
                     result = self.backend.train_step(micro_batches)
                     for _ in range(self.steps_per_call):
@@ -532,36 +610,41 @@ class Trainer:
                         window_loss += result.loss
                         window_steps += 1
                     window_samples += result.samples * self.dist.world_size
+                    self._train_samples += result.samples * self.dist.world_size
+                    self._train_seconds += time.perf_counter() - step_t0
                     elapsed = time.perf_counter() - window_t0
                     ips = window_samples / elapsed if elapsed > 0 else 0.0
                     lr = self.optimizer.param_groups[0]["lr"]
                     wait_frac = self._data_wait / elapsed if elapsed > 0 else 0.0  # input-bound when large
-                    if bar is not None:
-                        bar.update(self.steps_per_call)
-                        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.1f}",
-                                        data_wait=f"{wait_frac:.0%}")
+                    bar.update(self.steps_per_call, epoch=epoch + 1, loss=result.loss, lr=lr, img_s=ips,
+                               data_wait=wait_frac)
                     last_in_epoch = call + 1 == self.calls_per_epoch
                     stop = max_steps is not None and self.global_step >= max_steps
                     if _crossed(prev_step, self.global_step, t.log_every_steps) or last_in_epoch or stop:
                         avg_loss = window_loss / window_steps if window_steps else float("nan")  # all skipped: nan
-                        self.metrics.log(
-                            {
-                                "kind": "train",
-                                "epoch": epoch,
-                                "step": self.global_step,
-                                "loss": avg_loss,
-                                "lr": lr,
-                                "img_per_s": ips,
-                                # per optimizer step (window_samples / global_batch steps in this window)
-                                "data_wait_s": self._data_wait * self.global_batch / max(window_samples, 1),
-                                "data_wait_frac": wait_frac,
-                                "samples": self.samples_seen,
-                                "time_s": time.time(),
-                            }
-                        )
-                        if bar is None:
+                        record = {
+                            "kind": "train",
+                            "epoch": epoch + 1,  # 1-based, like the progress bar and the log lines
+                            "step": self.global_step,
+                            "loss": avg_loss,
+                            "lr": lr,
+                            "img_per_s": ips,
+                            # per optimizer step (window_samples / global_batch steps in this window)
+                            "data_wait_s": self._data_wait * self.global_batch / max(window_samples, 1),
+                            "data_wait_frac": wait_frac,
+                            "samples": self.samples_seen,
+                            "time_s": round(self._elapsed(), 3),  # seconds since the run started
+                            "unix_time": round(time.time(), 3),  # when (jsonl only: to match other logs)
+                        }
+                        if self.backend_uses_loss_scaling:
+                            record["loss_scale"] = float(self.backend.scaler.get_scale())
+                        clip_fraction = getattr(result, "agc_clip_fraction", None)  # when the backend reports it
+                        if clip_fraction is not None:
+                            record["agc_clip_fraction"] = float(clip_fraction)
+                        self._record(record)
+                        if not bar.enabled:
                             self.log(
-                                f"epoch {epoch} step {self.global_step}/{self.total_steps} "
+                                f"epoch {epoch + 1}/{t.epochs} step {self.global_step}/{run_steps} "
                                 f"loss {avg_loss:.4f} lr {lr:.4g} {ips:.1f} img/s data wait {wait_frac:.0%}"
                             )
                         window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
@@ -580,8 +663,6 @@ class Trainer:
                         self.save()
                     if stop or interrupted:
                         break
-                if bar is not None:
-                    bar.close()
                 epoch_done = self.epoch > epoch
                 if epoch_done:
                     final_epoch = self.epoch == t.epochs
@@ -604,19 +685,38 @@ class Trainer:
             if t.weight_avg_strategy != "none":
                 self._validate_weight_average()
         finally:
+            bar.close()
             stop_request.uninstall()
+            self.tracker.close()
             self.backend.close()
+        ips = self._train_samples / self._train_seconds if self._train_seconds > 0 else None
         return RunResult(
-            self.global_step, self.epoch, self._last_validation, self.run_dir, self.last_checkpoint, self.is_main
+            self.global_step,
+            self.epoch,
+            self._last_validation,
+            self.run_dir,
+            self.last_checkpoint,
+            self.is_main,
+            wall_s=self._elapsed(),
+            train_img_per_s=ips,
         )
 
     def _validate(self, epoch: int) -> dict[str, Any]:
+        """Evaluate and log after (0-based) epoch ``epoch``; records and lines say epoch ``epoch + 1``."""
         metrics = self.evaluate()
-        record = {"kind": "val", "epoch": epoch, "step": self.global_step, **metrics, "time_s": time.time()}
-        self.metrics.log(record)
+        record = {
+            "kind": "val",
+            "epoch": epoch + 1,
+            "step": self.global_step,
+            **metrics,
+            "time_s": round(self._elapsed(), 3),
+            "unix_time": round(time.time(), 3),
+        }
+        self._record(record)
         self._last_validation = record
         msg = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        self.log(f"validation after epoch {epoch} (step {self.global_step}): {msg}")
+        when = f"after epoch {epoch + 1}" if self.batch_in_epoch == 0 else f"in epoch {epoch + 1}"
+        self.log(f"validation {when} (step {self.global_step}): {msg}")
         return record
 
     def _validate_weight_average(self) -> None:
@@ -635,29 +735,26 @@ class Trainer:
         averaged.load_state_dict(weights)
         metrics = self.evaluate(models=[("", averaged)])
         epoch = self.epoch - 1 if self.batch_in_epoch == 0 else self.epoch
-        self.metrics.log({"kind": "val_avg", "epoch": epoch, "step": self.global_step, **metrics,
-                          "time_s": time.time()})
+        self._record({"kind": "val_avg", "epoch": epoch + 1, "step": self.global_step, **metrics,
+                      "time_s": round(self._elapsed(), 3), "unix_time": round(time.time(), 3)})
         self._last_validation = {**self._last_validation, **{f"avg_{k}": v for k, v in metrics.items()}}
         self.log(f"averaged weights ({path.name}): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         barrier(self.dist)  # the averaged checkpoint is on disk before anyone reads it
 
-    def _progress(self, epoch: int, start_step: int) -> Any:
-        if not (self.is_main and self.cfg.train.progress_bar):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.steps_per_epoch,
-            initial=start_step,
-            desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-
     def close(self) -> None:
         """Tear down the process group (if this trainer created it)."""
         cleanup_distributed(self.dist)
+
+
+def _describe_device(device: torch.device, precision: str) -> str:
+    """``cpu (2 threads), precision 32.32`` / ``cuda:0 (NVIDIA H100), precision bf16``."""
+    if device.type == "cuda":
+        what = f"{device} ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        what = f"cpu ({torch.get_num_threads()} threads)"
+    else:
+        what = str(device)
+    return f"{what}, precision {precision}"
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -671,21 +768,23 @@ def train(
     resume: str | None = None,
     log: Callable[[str], None] | None = None,
     model_hook: Callable[[nn.Module], None] | None = None,
+    overwrite: bool = False,
+    resume_any: bool = False,
 ) -> RunResult:
     """Run one training job: build everything from ``cfg``, optionally resume, train, return the result.
 
     ``model_hook(model)`` runs on the freshly built model before the optimizer and the backend see it.
+    ``overwrite`` / ``resume_any``: see :class:`Trainer` and ``run_dir.py``.
     """
-    trainer = Trainer(cfg, resume=resume, log=log, model_hook=model_hook)
+    trainer = Trainer(
+        cfg, resume=resume, log=log, model_hook=model_hook, overwrite=overwrite, resume_any=resume_any
+    )
     try:
         result = trainer.fit()
         if trainer.is_main:
-            (trainer.run_dir / "final_metrics.json").write_text(
-                json.dumps(
-                    {**result.final_metrics, "global_step": result.global_step, "epochs_completed": result.epoch},
-                    indent=2,
-                )
-            )
+            final = {**result.final_metrics, "global_step": result.global_step, "epochs_completed": result.epoch}
+            final.update(wall_s=round(result.wall_s or 0.0, 3), train_img_per_s=result.train_img_per_s)
+            (trainer.run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         return result
     finally:
         trainer.close()
