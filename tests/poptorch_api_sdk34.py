@@ -134,6 +134,10 @@ API: dict[str, Api] = {
                                "drop_last=..., persistent_workers=..., auto_distributed_partitioning=..., mode=..., "
                                "async_options=..., rebatched_worker_size=..., batch_sampler=..., **kwargs",
                                source=f"{_INIT}:229"),
+    "poptorch.DataLoader.__iter__": Api("method", "", None, f"{_INIT}:510"),
+    "poptorch.DataLoader.__len__": Api("method", "", None, f"{_INIT}:468"),
+    "poptorch.DataLoader.terminate": Api("method", "", None, f"{_INIT}:499"),
+    "poptorch.DataLoader.combinedBatchSize": Api("attribute", source=f"{_INIT}:487"),
     # ------------------------------------------------------------------------------------------- optimizers
     # poptorch.optim.Optimizer is the mixin base; param_groups comes from torch.optim.Optimizer (second base).
     "poptorch.optim.Optimizer": Api("class", "", source=f"{_OPTIM}:67"),

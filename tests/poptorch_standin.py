@@ -341,6 +341,12 @@ class Instance:
         self._standin.log.append(Call(name, args, dict(kwargs), self))
         return target(*args, **kwargs) if target is not None else None
 
+    def __iter__(self) -> Any:
+        return _bound_method(self._member("__iter__"))(self)
+
+    def __len__(self) -> int:
+        return _bound_method(self._member("__len__"))(self)
+
     def __repr__(self) -> str:
         return f"<stand-in {self._cls} ({SDK_RELEASE})>"
 
@@ -713,16 +719,17 @@ class CpuExecutor:
         scale = self.optimizer.loss_scaling
         params = [p for g in self.device_opt.param_groups for p in g["params"]]
         chunks = list(zip(*(a.split(micro) for a in args)))
-        losses = []
+        outputs: list[tuple[torch.Tensor, ...]] = []  # per micro-batch; the first output is the loss
         for d in range(o.device_iterations):
             acc = [torch.zeros_like(p) for p in params]
             for batch in chunks[d * per_step:(d + 1) * per_step]:
-                loss = self.device(*batch)
-                grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+                out = self.device(*batch)
+                out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+                grads = torch.autograd.grad(out[0] * scale, params, allow_unused=True)
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a += g.half().float() if self.half else g
-                losses.append(loss.detach().float())
+                outputs.append(tuple(t.detach().float() for t in out))
             if o.Training.reduction == o.enums["ReductionType"].Mean:
                 acc = [a / per_step for a in acc]
             for p, a in zip(params, acc):
@@ -733,7 +740,59 @@ class CpuExecutor:
                 with torch.no_grad():
                     for p in params:
                         p.copy_(p.half().float())
-        return self._outputs(losses)
+        per_output = [self._outputs([b[k] for b in outputs]) for k in range(len(outputs[0]))]
+        return per_output[0] if len(per_output) == 1 else tuple(per_output)
+
+
+class StandInDataLoader:
+    """``poptorch.DataLoader`` as PopTorch 3.4 runs it (docs/poptorch_rules.md rules 18-21).
+
+    Batches hold ``batch_size x deviceIterations x replicationFactor x gradientAccumulation`` samples (one host
+    call); in Async / AsyncRebatched mode the worker process is forked when the loader is built, so it iterates the
+    sampler as it was then (later ``set_epoch`` calls in the parent are not seen), and each batch is returned in the
+    worker's shared-memory buffers, which the next batch overwrites. ``len()`` counts ``len(dataset)``, not the
+    sampler.
+    """
+
+    def __init__(self, standin: StandIn, options: Any, dataset: Any, batch_size: int = 1, shuffle: Any = None,
+                 num_workers: int = 0, drop_last: bool = True, persistent_workers: Any = None,
+                 auto_distributed_partitioning: bool = True, mode: Any = None, async_options: Any = None,
+                 rebatched_worker_size: Any = None, batch_sampler: Any = None, **kwargs: Any) -> None:
+        o = unwrap(options)
+        modes = standin.lookup("poptorch.DataLoaderMode")
+        mode = modes.Sync if mode is None else mode
+        if batch_sampler is not None or rebatched_worker_size is not None:
+            raise NotImplementedError("the stand-in does not emulate batch_sampler / rebatched_worker_size")
+        combine = o.device_iterations * o.replication_factor * o.Training.gradient_accumulation
+        self.combinedBatchSize = batch_size * combine  # noqa: N815 (PopTorch's name)
+        self.asynchronous = mode in (modes.Async, modes.AsyncRebatched)
+        sampler = kwargs.pop("sampler", None)
+        if self.asynchronous and sampler is not None:
+            sampler = copy.deepcopy(sampler)  # the forked worker's copy
+        self.drop_last, self.dataset_len = bool(drop_last), len(dataset)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=self.combinedBatchSize, shuffle=bool(shuffle),
+                                                  sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                                                  **kwargs)
+        self.buffers: list[torch.Tensor] | None = None
+        self.terminated = False
+
+    def __len__(self) -> int:
+        whole, rest = divmod(self.dataset_len, self.combinedBatchSize)
+        return whole + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            if not self.asynchronous:
+                yield batch
+                continue
+            if self.buffers is None or any(b.shape != t.shape for b, t in zip(self.buffers, batch)):
+                self.buffers = [torch.empty_like(t) for t in batch]
+            for b, t in zip(self.buffers, batch):
+                b.copy_(t)
+            yield list(self.buffers)
+
+    def terminate(self) -> None:
+        self.terminated = True
 
 
 def _executor_impls(standin: StandIn) -> dict[str, Callable[..., Any]]:
@@ -749,6 +808,7 @@ def _executor_impls(standin: StandIn) -> dict[str, Callable[..., Any]]:
     impl: dict[str, Callable[..., Any]] = {
         "poptorch.trainingModel": training_model,
         "poptorch.inferenceModel": inference_model,
+        "poptorch.DataLoader": lambda *a, **k: StandInDataLoader(standin, *a, **k),
     }
     for name in StandInOptimizer._TORCH_KW:
         impl[f"poptorch.optim.{name}"] = lambda params, _n=name, **kw: StandInOptimizer(_n, params, **kw)

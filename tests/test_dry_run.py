@@ -58,7 +58,17 @@ def test_dry_run_every_ipu_config_without_sdk(path: Path, no_sdk: None, capsys: 
             f"{ex.device_iterations} = {samples} samples per host call") in out
     assert f"global batch (per optimizer step) = {t.micro_batch_size} x {accum} x {ex.replicas} = " \
            f"{t.global_batch_size}" in out
-    assert "host-side torch DataLoader" in out
+    # Throughput shape (issue 21): async loader, device iterations > 1, 8-bit input, sums out, no weight copies.
+    assert ex.device_iterations > 1
+    assert (f"poptorch.DataLoader(opts, dataset, batch_size={t.micro_batch_size}, " in out
+            and "mode=poptorch.DataLoaderMode.AsyncRebatched" in out)
+    assert f"each batch is one host call of {samples} samples" in out
+    assert "opts.outputMode(poptorch.OutputMode.Sum)" in lines
+    size = cfg.data.train_size or {"nfnet_f0": 192}.get(cfg.model.name, 224)  # NFNet-F0 trains at 192 px
+    mb = t.global_batch_size * 3 * size * size / 2**20  # uint8 images of one optimizer step, all replicas
+    assert f"images {t.global_batch_size} x 3 x {size} x {size} uint8 = {mb:,.1f} MB (8-bit input" in out
+    assert "weights copied to host per optimizer step: 0 MB" in out
+    assert cfg.train.ema_decay is None
     # The printed option lines are real code: run them on the SDK 3.4 table stand-in (refuses unknown calls).
     s = StandIn()
     exec("\n".join(lines), {"opts": s.poptorch.Options(), "poptorch": s.poptorch, "torch": torch})  # noqa: S102
@@ -68,7 +78,8 @@ def test_dry_run_every_ipu_config_without_sdk(path: Path, no_sdk: None, capsys: 
 def test_dry_run_prints_memory_estimate_per_stage(no_sdk: None, capsys: pytest.CaptureFixture) -> None:
     """A tiny model split over two IPUs (the shipped configs' estimates take seconds each: slow test below)."""
     path = ROOT / "configs" / "tiny_resnet18_gn.yml"
-    args = ["--device", "ipu", "--set", "execution.pipeline_splits=[blocks.2]", "--global-batch-size", "12"]
+    args = ["--device", "ipu", "--set", "execution.pipeline_splits=[blocks.2]", "--global-batch-size", "12",
+            "--set", "train.ema_decay=null"]
     assert run_train.main(["--config", str(path), "--dry-run", *args]) == 0
     out = capsys.readouterr().out
     est = re.findall(r"^  stage (\d) on IPU\d: .*\| est\. ([\d,]+) MiB of ([\d,]+) MiB", out, re.M)
@@ -86,6 +97,10 @@ def test_dry_run_refusals(no_sdk: None, capsys: pytest.CaptureFixture) -> None:
     assert run_train.main(["--config", tiny, "--device", "ipu", "--dry-run", *huge]) == 1
     err = capsys.readouterr().err
     assert "would be refused" in err and "budget" in err
+    ema = ["--set", "execution.pipeline_splits=[blocks.2]", "--global-batch-size", "12", *NO_MEMORY]
+    assert run_train.main(["--config", tiny, "--device", "ipu", "--dry-run", *ema]) == 1  # ema_decay: 0.9
+    err = capsys.readouterr().err
+    assert "train.ema_decay=0.9 (a per-step EMA) is not available on IPUs" in err and err.count("\n") == 1
     agc = str(ROOT / "configs" / "tiny_nf_resnet50_agc.yml")
     assert run_train.main(["--config", agc, "--device", "ipu", "--dry-run", *NO_MEMORY]) == 1
     assert "optim.agc_scope: step (exact AGC on the accumulated, all-reduced gradient) is not available on IPUs" \
@@ -106,7 +121,7 @@ def test_dry_run_with_sdk_compiles_and_does_not_train(capsys: pytest.CaptureFixt
     the executable compiled with example inputs of one host call; no step runs."""
     cfg = load_config(ROOT / "configs" / "tiny_resnet18_gn.yml", overrides=[
         "execution.device=ipu", "execution.pipeline_splits=[blocks.2]", "execution.replicas=1",
-        "train.global_batch_size=12", 'execution.memory_check="off"'])
+        "train.global_batch_size=12", 'execution.memory_check="off"', "train.ema_decay=null"])
     s = standin_with_executors()
     assert dry_run(cfg, poptorch=s.poptorch) == 0
     out = capsys.readouterr().out
@@ -137,4 +152,4 @@ def test_dry_run_under_poprun(no_sdk: None, monkeypatch: pytest.MonkeyPatch, cap
     assert run_train.main(["--config", str(path), "--dry-run", *NO_MEMORY]) == 0
     out = capsys.readouterr().out
     assert "opts = popdist.poptorch.Options(ipus_per_replica=2)" in out and "replicationFactor" not in out
-    assert "768 samples per host call over all 2 instances (this one: 384)" in out
+    assert "3072 samples per host call over all 2 instances (this one: 1536)" in out

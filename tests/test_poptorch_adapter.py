@@ -41,7 +41,8 @@ def test_option_calls_pure() -> None:
     assert by["Training.gradientAccumulation"].args == (64 // (2 * 4),)
     assert by["Training.accumulationAndReplicationReductionType"].args == (pa.Ref("ReductionType.Mean"),)
     assert by["Training.setAutomaticLossScaling"].args == (True,)
-    assert by["outputMode"].args == (pa.Ref("OutputMode.All"),)
+    assert by["outputMode"].args == (pa.Ref("OutputMode.Sum"),)  # training: sums over the host call
+    assert inf["outputMode"].args == (pa.Ref("OutputMode.All"),)  # inference: every output
     assert by["setAvailableMemoryProportion"].args == ({"IPU0": 0.3, "IPU1": 0.5},)
     assert by["Precision.enableStochasticRounding"].args == (True,)
     assert by["Precision.setPartialsType"].args == (torch.float16,)
@@ -121,10 +122,11 @@ def test_training_wrapper_and_precision_cast() -> None:
     model = TinyNet()
     wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=s.poptorch)
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
-    loss = wrapped(x, y)
+    loss, correct = wrapped(x, y)
     assert torch.allclose(loss, nn.functional.cross_entropy(model(x), y))
+    assert correct.item() == int((model(x).argmax(1) == y).sum())
     wrapped.return_logits = True
-    assert torch.allclose(wrapped(x, y)[1], model(x))
+    assert torch.allclose(wrapped(x, y)[2], model(x))
     assert pa.InferenceModel(model)(x).dtype == torch.float32
     assert s.calls("poptorch.identity_loss")[0].kwargs == {"reduction": "mean"}
     plan = make_plan()
@@ -151,8 +153,28 @@ def test_dataloader_call() -> None:
     s = StandIn()
     pa.create_dataloader("OPTS", [1, 2, 3], make_plan(), poptorch=s.poptorch)
     (call,) = s.calls("poptorch.DataLoader")
-    assert call.args == ("OPTS", [1, 2, 3]) and call.kwargs["batch_size"] == 2
-    assert call.kwargs["mode"] == s.poptorch.DataLoaderMode.Async
+    assert call.args == ("OPTS", [1, 2, 3]) and call.kwargs["batch_size"] == 2  # the micro-batch: PopTorch combines
+    assert call.kwargs["mode"] == s.poptorch.DataLoaderMode.AsyncRebatched and call.kwargs["drop_last"] is True
+    assert call.kwargs["shuffle"] is True and "sampler" not in call.kwargs
+    sampler = [2, 0, 1]
+    pa.create_dataloader("OPTS", [1, 2, 3], make_plan(), sampler=sampler, poptorch=s.poptorch)
+    kw = s.calls("poptorch.DataLoader")[-1].kwargs
+    # Our sampler shards and shuffles: PopTorch must neither partition nor shuffle again.
+    assert kw["sampler"] is sampler and kw["shuffle"] is False and kw["auto_distributed_partitioning"] is False
+
+
+def test_host_call_arithmetic() -> None:
+    """Samples per host call, loader length and the OutputMode.Sum divisor, against PopTorch's formulas written
+    out here (python/__init__.py:319-330, 468-478 at sdk/poptorch/3.4.0)."""
+    plan = make_plan()  # micro 2, replicas 4, accumulation 64 / (2 x 4) = 8, device iterations 10
+    call = pa.host_call(plan)
+    assert call.samples == 2 * 10 * 4 * 8 and call.micro_batches == 10 * 4 * 8
+    assert call.samples_per_step == plan.global_batch_size == 64
+    assert call.sum_divisor() == 320
+    local = pa.host_call(plan, local_replicas=2)  # two poprun instances
+    assert local.samples == 2 * 10 * 2 * 8
+    assert call.loader_batches(1000) == 1000 // 640 == 1
+    assert call.loader_batches(1000, drop_last=False) == 2 and call.loader_batches(1280, drop_last=False) == 2
 
 
 def test_missing_sdk_message() -> None:
@@ -334,12 +356,15 @@ def _sgd_reference(model: nn.Module, chunks: list, steps: int, per_step: int, lr
     """Plain PyTorch: `steps` SGD steps, each on the mean (or sum) of `per_step` micro-batch gradients."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
+    model.correct = 0  # top-1 hits over all micro-batches (read by the tests of OutputMode.Sum)
     for d in range(steps):
         opt.zero_grad()
         for x, y in chunks[d * per_step:(d + 1) * per_step]:
-            loss = nn.functional.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
             (loss if reduce_sum else loss / per_step).backward()
             losses.append(loss.item())
+            model.correct += int((logits.argmax(1) == y).sum())
         opt.step()
     return losses
 
@@ -374,7 +399,10 @@ def test_backend_numerics_follow_the_options(replicas: int, iterations: int) -> 
     mbs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(n)]
     result = backend.train_step(mbs)
     losses = _sgd_reference(ref, mbs, iterations, 3 * replicas, lr=0.2)
+    # OutputMode.Sum returns sums over the host call: the mean loss divides by every micro-batch of every device
+    # iteration and replica, the accuracy by every sample (a divisor without replicas or iterations fails here).
     assert result.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert result.accuracy == pytest.approx(ref.correct / (2 * n), abs=1e-9)
     backend.sync_to_host()
     for p, q in zip(model.parameters(), ref.parameters()):  # (BN running statistics are per replica on IPUs)
         torch.testing.assert_close(p, q)
@@ -395,7 +423,7 @@ def test_standin_reduction_and_output_modes_follow_the_options() -> None:
         opts.outputMode(getattr(pt.OutputMode, mode))
         wrapped = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=pt)
         executor = pt.trainingModel(wrapped, opts, pt.optim.SGD(model.parameters(), lr=0.1))
-        out = executor(x, y)
+        out = executor(x, y)[0]  # (loss, correct): the loss
         losses = _sgd_reference(ref, [(x[:2], y[:2]), (x[2:], y[2:])], 1, 2, lr=0.1, reduce_sum=reduction == "Sum")
         expected = {"All": torch.tensor(losses), "Sum": torch.tensor(sum(losses)), "Final": torch.tensor(losses[-1:])}
         torch.testing.assert_close(out, expected[mode])
@@ -498,7 +526,7 @@ def test_trainer_end_to_end_on_fake_poptorch(monkeypatch: pytest.MonkeyPatch, tm
     cfg = load_config("configs/tiny_resnet18_gn.yml", overrides=[
         "execution.device=ipu", "execution.pipeline_splits=[blocks.2]", "execution.replicas=1",
         "execution.device_iterations=2", "train.global_batch_size=12", f"train.output_dir={tmp_path}",
-        "train.epochs=1",
+        "train.epochs=1", "train.ema_decay=null",
     ])
     result = train(cfg, log=lambda msg: None)
     # Accumulation 12 / 4 = 3 >= 2N-1 for 2 stages; 64 samples // (micro 4 x accumulation 3 x device iterations 2)
@@ -581,3 +609,114 @@ def test_poprun_instances_shard_data_without_a_process_group(monkeypatch: pytest
     assert trainer.sampler.num_replicas == 2 and trainer.sampler.rank == 1
     # accumulation 16 / (4 x 2 replicas) = 2; this instance drives 1 of the 2 replicas.
     assert trainer.micro_per_call == trainer.backend.micro_batches_per_step == 2
+
+
+def test_trainer_ipu_throughput_shape(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The trainer on the IPU backend (stand-in): one AsyncRebatched poptorch.DataLoader per epoch whose batches are
+    whole host calls, uint8 images (mixed by Mixup and still 8-bit) reaching the executable, and no weight copy to
+    the host between training host calls (only at validation / checkpoints / the end)."""
+    from ipu_norm.config.loader import load_config
+    from ipu_norm.train.trainer import train
+
+    s = standin_with_executors()
+    monkeypatch.setitem(sys.modules, "poptorch", s.poptorch)
+    cfg = load_config("configs/tiny_digits_resnet18.yml", overrides=[
+        "execution.device=ipu", "execution.replicas=1", "execution.device_iterations=2",
+        "train.micro_batch_size=8", "train.global_batch_size=16", "train.epochs=1", "train.max_steps=6",
+        "train.mixup_alpha=0.2", f"train.output_dir={tmp_path}",
+    ])
+    result = train(cfg, log=lambda msg: None)
+    assert result.global_step == 6  # 3 host calls x 2 device iterations
+    (loader,) = s.calls("poptorch.DataLoader")
+    assert loader.kwargs["batch_size"] == 8 and loader.kwargs["mode"] == s.poptorch.DataLoaderMode.AsyncRebatched
+    calls = [i for i, c in enumerate(s.log) if c.name == "poptorch.PoplarExecutor.__call__" and len(c.args) == 2]
+    assert len(calls) == 3
+    for i in calls:
+        images, targets = s.log[i].args
+        assert images.dtype == torch.uint8 and images.shape[0] == 8 * 2 * 2  # micro x accumulation x iterations
+        assert targets.shape == (32, 10)  # Mixup's soft targets
+    between = [c.name for c in s.log[calls[0]:calls[-1]]]
+    assert not [n for n in between if "copyWeightsToHost" in n or n.endswith("detachFromDevice")], between
+    assert s.calls("copyWeightsToHostIfNeeded")  # ... but they do come back for validation and the checkpoint
+
+
+def test_ipu_backend_refuses_a_per_step_ema() -> None:
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    s = standin_with_executors()
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(ema_decay=0.97),
+                                execution=types.SimpleNamespace(memory_check="off"))
+    model = TinyNet()
+    plan = build_plan({"device": "ipu", "precision": "32.32"}, model, {"micro_batch_size": 2, "global_batch_size": 2})
+    with pytest.raises(ValueError, match=r"^train\.ema_decay=0\.97 .*weight_avg_strategy") as err:
+        PoptorchBackend(cfg, poptorch=s.poptorch).prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), plan,
+                                                          TrainSpec(criterion=nn.CrossEntropyLoss()))
+    assert "\n" not in str(err.value)
+
+
+def test_uint8_images_are_normalised_in_the_graph() -> None:
+    """A uint8 batch through the training / inference wrappers equals the float pipeline (torchvision's ToTensor +
+    Normalize written out here) through the bare model."""
+    from ipu_norm.data.device import NormalizeUint8
+
+    s = StandIn()
+    model = TinyNet().eval()
+    g = torch.Generator().manual_seed(9)
+    x8 = torch.randint(0, 256, (2, 3, 8, 8), generator=g, dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    xf = (x8.float() / 255 - mean) / std
+    torch.testing.assert_close(pa.InferenceModel(model, input_norm=NormalizeUint8())(x8), model(xf))
+    y = torch.tensor([1, 2])
+    loss, _ = pa.TrainingModelWithLoss(model, nn.CrossEntropyLoss(), poptorch=s.poptorch,
+                                       input_norm=NormalizeUint8())(x8, y)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(model(xf), y))
+    with pytest.raises(TypeError, match="uint8"):
+        pa.InferenceModel(model)(x8)
+
+
+def test_backend_accuracy_divides_the_summed_hits_by_the_host_call() -> None:
+    """OutputMode.Sum returns the top-1 hits summed over device iterations, accumulation and replicas: a model that
+    always predicts class 0 (lr 0: it stays so) scores exactly the share of 0 labels; a divisor missing the replicas
+    or the device iterations gives 2x."""
+    from ipu_norm.ipu.backend import PoptorchBackend
+    from ipu_norm.train.backend import TrainSpec
+
+    s = standin_with_executors()
+    model = TinyNet()
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.arange(10, 0, -1, dtype=torch.float32))  # class 0 wins, fixed logits
+    plan = build_plan({"device": "ipu", "precision": "32.32", "replicas": 2, "device_iterations": 2}, model,
+                      {"micro_batch_size": 2, "global_batch_size": 12})
+    backend = PoptorchBackend(poptorch=s.poptorch)
+    backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0), plan,
+                    TrainSpec(criterion=nn.CrossEntropyLoss()))
+    n = backend.micro_batches_per_step
+    assert n == 3 * 2 * 2
+    labels = torch.tensor([0, 1] * n)
+    labels[:4] = 0  # 13 zeros of 24
+    mbs = [(torch.randn(2, 3, 8, 8), labels[2 * k:2 * k + 2]) for k in range(n)]
+    result = backend.train_step(mbs)
+    assert result.accuracy == pytest.approx(int((labels == 0).sum()) / 24, abs=1e-12)
+    logp = torch.log_softmax(torch.arange(10, 0, -1, dtype=torch.float64), 0)
+    assert result.loss == pytest.approx(float(-logp[labels].mean()), rel=1e-6)
+
+
+def test_mixup_keeps_uint8_images_8_bit() -> None:
+    """Mixup on the host keeps 8-bit input: the mix is computed in float and rounded (reference: the same Mixup,
+    same seed, on float images), so uint8 still crosses the host link; targets are unchanged."""
+    from ipu_norm.data.mixup import MixupCutmix, mix_keeping_dtype
+
+    g = torch.Generator().manual_seed(11)
+    x8 = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 3])
+    make = lambda: MixupCutmix(mixup_alpha=1.0, cutmix_alpha=0.0, num_classes=5, seed=3)  # noqa: E731
+    ref_x, ref_t = make()(x8.float(), y)
+    out_x, out_t = mix_keeping_dtype(make(), x8, y)
+    assert out_x.dtype == torch.uint8
+    assert not torch.equal(out_x, x8)  # it mixed
+    torch.testing.assert_close(out_x.float(), ref_x.round(), atol=0, rtol=0)
+    torch.testing.assert_close(out_t, ref_t)

@@ -376,7 +376,8 @@ def test_static_scan_of_ipu_sources() -> None:
     # The scan must actually see each kind of use (a scanner that finds nothing would pass vacuously).
     assert {
         "poptorch.BeginBlock", "poptorch.recomputationCheckpoint", "poptorch.identity_loss", "poptorch.custom_op",
-        "poptorch.isRunningOnIpu", "poptorch.DataLoaderMode.Async", "poptorch.optim", "popdist.poptorch.Options",
+        "poptorch.isRunningOnIpu", "poptorch.DataLoaderMode.AsyncRebatched", "poptorch.optim",
+        "popdist.poptorch.Options",
         "popdist.init", "popdist.getNumTotalReplicas", "poptorch.options._TrainingOptions.gradientAccumulation",
         "poptorch.options._PopartOptions.set", "poptorch.ReductionType.Mean", "poptorch.TensorLocationSettings",
         "poptorch.TensorLocationSettings.useReplicatedTensorSharding",

@@ -56,6 +56,7 @@ class StepResult:
     loss: float  # mean training loss over this process's micro-batches of the step
     samples: int  # samples this process consumed in the step
     skipped: bool = False  # the update was skipped (inf/nan gradients: GradScaler overflow, or fp32/bf16 guard)
+    accuracy: float | None = None  # top-1 training accuracy of the step's samples, where the backend returns it
 
 
 @dataclasses.dataclass

@@ -129,3 +129,15 @@ class SoftTargetCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def mix_keeping_dtype(
+    mix: Any, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mix(images, labels)`` for float images; uint8 images (8-bit device input) are mixed in float32 and rounded
+    back to uint8, so they still cross to the device as 8 bits (a mixed pixel moves by at most 0.5 / 255; CutMix
+    pastes whole pixels and is exact). timm's in-place Mixup would truncate uint8 products instead."""
+    if images.dtype != torch.uint8:
+        return mix(images, labels)
+    mixed, targets = mix(images.float(), labels)
+    return mixed.round_().clamp_(0, 255).to(torch.uint8), targets

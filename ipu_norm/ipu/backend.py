@@ -7,6 +7,14 @@ gradient accumulation samples and performs ``device_iterations`` optimizer steps
 is pushed with ``setOptimizer`` between host calls, so with device_iterations > 1 it changes every D steps, as in
 Graphcore's applications). `micro_batches_per_step` says how many micro-batches the trainer must pass.
 
+Throughput shape (Graphcore's application): the training data come from a ``poptorch.DataLoader`` in AsyncRebatched
+mode built per epoch by `epoch_loader` (each batch is one host call); images cross the host link as uint8
+(``accepts_uint8``) and are converted and normalised on the IPU by ``NormalizeUint8``, the first layer of the
+traced model; the executable returns the loss and the top-1 hit count summed over the host call
+(``OutputMode.Sum``), which `train_step` divides by the micro-batches / samples of the call. The weights come
+back to the host only at `sync_to_host` (checkpoints, validation, the end): a per-step EMA (``train.ema_decay``)
+would copy them after every host call and is refused; use checkpoint averaging (``train.weight_avg_strategy``).
+
 Everything PopTorch-specific goes through ipu_norm/ipu/poptorch_adapter.py; poptorch is imported lazily and a
 missing SDK gives `PoplarSDKMissingError` with instructions.
 
@@ -36,6 +44,7 @@ from torch import nn
 
 from ipu_norm.compat import mark_optimizer_stepped
 from ipu_norm.core.plan import ExecutionPlan
+from ipu_norm.data.device import NormalizeUint8
 from ipu_norm.ipu import poptorch_adapter as pa
 
 
@@ -54,6 +63,13 @@ def _optimizer_name_and_hparams(optimizer: torch.optim.Optimizer) -> tuple[str, 
         )
     return name, dict(optimizer.defaults)
 
+
+# Why the IPU backend refuses a per-step EMA (raised by `prepare`, reported by the dry run).
+EMA_UNSUPPORTED = (
+    "train.ema_decay={ema} (a per-step EMA) is not available on IPUs: it copies the weights to the host after every "
+    "host call; set train.ema_decay: null and train.weight_avg_strategy: exponential (checkpoint averaging after "
+    "training, as Graphcore's recipe)"
+)
 
 # Why the IPU backend refuses AGC (raised by `prepare`, reported by the dry run).
 AGC_UNSUPPORTED = (
@@ -82,7 +98,10 @@ class PoptorchBackend:
         self.eval_executor: Any = None
         self._eval_loaded: nn.Module | None = None  # whose weights eval_model holds since the last sync_to_host
         self._hooks: list[Any] = []
+        self._options: Any = None  # the training executable's poptorch.Options (shared with the DataLoader)
 
+    # uint8 images cross the host link; NormalizeUint8 converts them in the graph (Graphcore's eight_bit_io).
+    accepts_uint8 = True
     # ------------------------------------------------------------------------------------ setup
 
     def local_replicas(self) -> int:
@@ -97,10 +116,45 @@ class PoptorchBackend:
         assert self.plan is not None
         return self.plan.gradient_accumulation * self.local_replicas() * self.plan.device_iterations
 
+    def host_call(self) -> pa.HostCall:
+        """What one training host call of this process consumes (poptorch_adapter.HostCall)."""
+        assert self.plan is not None
+        return pa.host_call(self.plan, self.local_replicas())
+
+    def training_options(self) -> Any:
+        """The training executable's ``poptorch.Options`` (made once: the DataLoader reads the same object)."""
+        assert self.plan is not None
+        if self._options is None:
+            self._options = pa.create_options(self.plan, poptorch=self.poptorch)
+        return self._options
+
+    def epoch_loader(self, loader: torch.utils.data.DataLoader) -> Any:
+        """A ``poptorch.DataLoader`` (AsyncRebatched) for one epoch over the dataset and sampler of the trainer's
+        `loader`, whose batches are whole host calls.
+
+        Build it after the sampler's ``set_epoch`` / resume position are set: PopTorch forks the loading process
+        when the DataLoader is built, and that process iterates the sampler as it was then. Each batch lives in
+        shared memory that the next batch overwrites: use it before asking for the next. Its loading process ends
+        when the loader is dropped (PopTorch's ``DataLoader.__del__`` calls ``terminate``).
+        """
+        assert self.plan is not None
+        sampler, dataset = loader.sampler, loader.dataset
+        epoch = getattr(sampler, "epoch", None)
+        if epoch is not None and callable(getattr(dataset, "set_epoch", None)):
+            dataset.set_epoch(epoch)  # what the trainer's EpochDataLoader does in __iter__
+        return pa.create_dataloader(
+            self.training_options(), dataset, self.plan, sampler=sampler, num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+            poptorch=self.poptorch,
+        )
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: ExecutionPlan, spec: Any) -> None:
         """Cast, annotate (stages, recomputation) and wrap the model in ``poptorch.trainingModel``."""
         if getattr(spec, "agc_clip", None) is not None:
             raise NotImplementedError(AGC_UNSUPPORTED)
+        ema = getattr(getattr(self.cfg, "train", None), "ema_decay", None)
+        if ema is not None:
+            raise ValueError(EMA_UNSUPPORTED.format(ema=ema))
         self.model, self.plan, self.optimizer = model, plan, optimizer
         self.memory_estimate = self._check_memory(model, plan)
         pa.cast_model_for_precision(model, plan)
@@ -110,13 +164,14 @@ class PoptorchBackend:
         self.eval_model.requires_grad_(False)
         pa.annotate_model(self.eval_model, plan, self.poptorch, for_inference=True)
         self._hooks = pa.annotate_model(model, plan, self.poptorch)
-        options = pa.create_options(plan, poptorch=self.poptorch)
+        options = self.training_options()
         name, hparams = _optimizer_name_and_hparams(optimizer)
         # Mirror the trainer's parameter groups (weight decay only on conv/linear weights and PN proxy params).
         groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
                   for g in optimizer.param_groups]
         self.ipu_optimizer = pa.create_optimizer(groups, name, hparams, plan, poptorch=self.poptorch)
-        wrapped = pa.TrainingModelWithLoss(model, spec.criterion, plan.precision.compute_dtype, poptorch=self.poptorch)
+        wrapped = pa.TrainingModelWithLoss(model, spec.criterion, plan.precision.compute_dtype, poptorch=self.poptorch,
+                                           input_norm=NormalizeUint8())
         wrapped.train()
         self.train_model = self.poptorch.trainingModel(wrapped, options=options, optimizer=self.ipu_optimizer)
 
@@ -146,7 +201,8 @@ class PoptorchBackend:
     # ------------------------------------------------------------------------------------ steps
 
     def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        """One PopTorch call over `micro_batches_per_step` micro-batches; returns their mean loss."""
+        """One PopTorch call over `micro_batches_per_step` micro-batches (one batch of a loader from `epoch_loader`
+        split into micro-batches, or loose ones); returns their mean loss and top-1 accuracy."""
         step_result, _ = _train_types()
         assert self.train_model is not None and self.plan is not None
         need = self.micro_batches_per_step
@@ -158,13 +214,16 @@ class PoptorchBackend:
             )
         if self.eval_executor is not None and self.eval_executor.isAttachedToDevice():
             self.eval_executor.detachFromDevice()  # free the IPUs; the training executor re-attaches when called
-        images = torch.cat([x for x, _ in micro_batches])
-        targets = torch.cat([y for _, y in micro_batches])
-        losses = self.train_model(images, targets)
+        images = _join([x for x, _ in micro_batches])
+        targets = _join([y for _, y in micro_batches])
+        loss_sum, correct_sum = self.train_model(images, targets)  # OutputMode.Sum: sums over the host call
         if self.optimizer is not None:
             # The update ran on the device; tell torch's LR scheduler the (host) optimizer has stepped.
             mark_optimizer_stepped(self.optimizer)
-        return step_result(loss=float(torch.as_tensor(losses).float().mean()), samples=int(images.shape[0]))
+        call = self.host_call()
+        loss = float(torch.as_tensor(loss_sum).double().sum()) / call.sum_divisor()
+        accuracy = float(torch.as_tensor(correct_sum).double().sum()) / call.samples
+        return step_result(loss=loss, samples=int(images.shape[0]), accuracy=accuracy)
 
     @torch.no_grad()
     def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
@@ -180,7 +239,7 @@ class PoptorchBackend:
             self.train_model.detachFromDevice()  # PopTorch copies weights and optimizer state to the host first
         if self.eval_executor is None:
             opts = pa.create_options(self.plan, for_inference=True, poptorch=self.poptorch)
-            wrapped = pa.InferenceModel(self.eval_model, self.plan.precision.compute_dtype)
+            wrapped = pa.InferenceModel(self.eval_model, self.plan.precision.compute_dtype, input_norm=NormalizeUint8())
             self.eval_executor = self.poptorch.inferenceModel(wrapped, opts)
         if self._eval_loaded is not source:
             # Host load; PopTorch copies to the device now if attached, else when the call below attaches/compiles.
@@ -232,6 +291,21 @@ class PoptorchBackend:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor from consecutive parts: no copy when they are views that already lie back to back in one tensor
+    (the micro-batches the trainer split from one DataLoader batch), else ``torch.cat``."""
+    first = parts[0]
+    if len(parts) > 1 and all(p.is_contiguous() for p in parts):
+        step = first.numel() * first.element_size()
+        base = first.untyped_storage().data_ptr() if hasattr(first, "untyped_storage") else None
+        same = base is not None and all(p.untyped_storage().data_ptr() == base for p in parts)
+        if same and all(p.data_ptr() == first.data_ptr() + k * step and p.shape == first.shape
+                        for k, p in enumerate(parts)):
+            rows = sum(p.shape[0] for p in parts)
+            return first.as_strided((rows, *first.shape[1:]), first.stride())
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def create_backend(cfg: Any, dist: Any) -> PoptorchBackend:

@@ -2,14 +2,15 @@
 
 Without the Poplar SDK it builds the model, the execution plan, the optimizer and the adapter's option calls and
 prints them: the exact ``poptorch.Options`` calls as Python lines, the pipeline stages with their blocks and the
-estimated memory per IPU (ipu_norm.memory), the ``poptorch.optim`` optimizer with its loss scaling, how the data
-reaches the device, and the batch arithmetic. With poptorch importable it then also prepares the backend exactly as
+estimated memory per IPU (ipu_norm.memory), the ``poptorch.optim`` optimizer with its loss scaling, the
+``poptorch.DataLoader`` that feeds the device, the batch arithmetic and the bytes crossing the host link per
+optimizer step. With poptorch importable it then also prepares the backend exactly as
 training would and compiles the training executable (``PoplarExecutor.compile``) with example inputs, and exits
 before the first step.
 
 Exit codes: 0 the run would start; 1 it would be refused (plan error, predicted memory overflow with
-``execution.memory_check: error``, AGC on the IPU backend); 2 the config does not run on IPUs (``--dry-run``
-describes the IPU path only: add ``--device ipu``).
+``execution.memory_check: error``, exact AGC or a per-step EMA on the IPU backend); 2 the config does not run on
+IPUs (``--dry-run`` describes the IPU path only: add ``--device ipu``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _estimate(model: torch.nn.Module, plan: Any, cfg: Any) -> tuple[Any, str | N
 
 def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim.Optimizer, out: PRINT) -> str | None:
     """Print the IPU run of `cfg` (see module docstring); return why it would be refused, or None."""
-    from ipu_norm.ipu.backend import AGC_UNSUPPORTED, _optimizer_name_and_hparams
+    from ipu_norm.ipu.backend import AGC_UNSUPPORTED, EMA_UNSUPPORTED, _optimizer_name_and_hparams
 
     problems: list[str] = []
     popdist = pa.under_poprun()
@@ -107,6 +108,8 @@ def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
         problems.append(refusal)
 
     out("")
+    if cfg.train.ema_decay is not None:
+        problems.append(EMA_UNSUPPORTED.format(ema=cfg.train.ema_decay))
     if cfg.optim.agc_clip is not None and cfg.optim.agc_scope == "step":
         problems.append(AGC_UNSUPPORTED)
     elif cfg.optim.agc_clip is not None:
@@ -135,20 +138,54 @@ def describe(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
     out(f"  loss scaling: {scaling}; learning rate pushed with setOptimizer once per host call")
 
     out("")
-    micro, accum, iters = plan.micro_batch_size, plan.gradient_accumulation, plan.device_iterations
-    per_call = micro * accum * local_replicas * iters
-    out(f"data: {cfg.data.dataset} through the host-side torch DataLoader (batch = micro-batch {micro}, "
-        f"{cfg.data.num_workers} workers, sharded over {instances} instance(s)); one host call concatenates "
-        f"{accum * local_replicas * iters} micro-batches ({per_call} images) and PopTorch splits them across "
-        "replicas, accumulation and device iterations (poptorch.DataLoader is not used by the trainer)")
-    out(f"batch: micro {micro} x accumulation {accum} x replicas {plan.replicas} x device iterations {iters} = "
-        f"{micro * accum * plan.replicas * iters} samples per host call"
-        + (f" over all {instances} instances (this one: {per_call})" if instances > 1 else "")
-        + f" ({iters} optimizer step(s)); global batch "
-        f"(per optimizer step) = {micro} x {accum} x {plan.replicas} = {plan.global_batch_size}")
+    for line in _data_lines(cfg, model, plan, local_replicas, instances):
+        out(line)
     if ex.executable_cache_dir:
         out(f"executable cache: {ex.executable_cache_dir}")
     return "; ".join(problems) or None
+
+
+def _data_lines(cfg: Any, model: torch.nn.Module, plan: Any, local_replicas: int, instances: int) -> list[str]:
+    """How the training data reach the IPUs and what crosses the host link per optimizer step."""
+    from ipu_norm.train.builders import build_criterion, image_sizes
+
+    call = pa.host_call(plan, local_replicas)
+    micro, accum, iters = plan.micro_batch_size, plan.gradient_accumulation, plan.device_iterations
+    kw = pa.dataloader_kwargs(plan, sampler="sampler", num_workers=cfg.data.num_workers)
+    args = ", ".join(f"{k}={'sampler' if k == 'sampler' else pa.format_value(v)}" for k, v in kw.items())
+    lines = [
+        f"data: {cfg.data.dataset} through poptorch.DataLoader(opts, dataset, {args}), one per epoch (built after "
+        f"the sampler's epoch is set: PopTorch forks its loading process then); each batch is one host call of "
+        f"{call.samples} samples ({call.micro_batches} micro-batches), sharded over {instances} instance(s)",
+        f"batch: micro {micro} x accumulation {accum} x replicas {plan.replicas} x device iterations {iters} = "
+        f"{micro * accum * plan.replicas * iters} samples per host call"
+        + (f" over all {instances} instances (this one: {call.samples})" if instances > 1 else "")
+        + f" ({iters} optimizer steps: device iterations {iters}); global batch (per optimizer step) = {micro} x "
+        f"{accum} x {plan.replicas} = {plan.global_batch_size}",
+    ]
+    size, _ = image_sizes(cfg.data, model)
+    per_step = plan.global_batch_size  # samples of one optimizer step over all replicas
+    _, soft = build_criterion(cfg)
+    classes = cfg.model.num_classes
+    image_bytes = per_step * 3 * size * size  # uint8
+    label_bytes = per_step * (4 * classes if soft else 4)  # fp32 soft targets, or int32 class ids
+    out_bytes = 2 * 4 * plan.replicas / iters  # OutputMode.Sum: (loss, top-1 hits) in fp32 per replica per call
+    lines += [
+        "host link per optimizer step (all replicas; one host call carries "
+        f"{iters} steps):",
+        f"  to the IPUs: images {per_step} x 3 x {size} x {size} uint8 = {image_bytes / 2**20:,.1f} MB "
+        f"(8-bit input: converted and normalised on the IPU by NormalizeUint8, the traced model's first layer)"
+        + (", labels " + (f"{per_step} x {classes} fp32 soft targets (Mixup/CutMix/label smoothing on the host)"
+                          if soft else f"{per_step} int32 class ids")
+           + f" = {label_bytes / 2**20:,.2f} MB"),
+        f"  from the IPUs: loss and top-1 hits summed over the host call, outputMode(Sum): 2 x 4 bytes x "
+        f"{plan.replicas} replicas per call = {out_bytes:g} bytes per step",
+        "  weights copied to host per optimizer step: 0 MB (only at checkpoints, validation and the end)",
+    ]
+    if cfg.data.dataset == "generated":
+        lines.append(f"  (data.dataset: generated yields float32 images, {4 * image_bytes / 2**20:,.1f} MB per step; "
+                     "imagefolder and digits batches are uint8 as above)")
+    return lines
 
 
 def _compile(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim.Optimizer, poptorch: Any,
@@ -164,7 +201,8 @@ def _compile(cfg: Any, model: torch.nn.Module, plan: Any, optimizer: torch.optim
     backend.prepare(model, optimizer, plan, TrainSpec(criterion=criterion, agc_clip=step_agc))
     n = plan.micro_batch_size * backend.micro_batches_per_step
     size, _ = image_sizes(cfg.data, model)  # the trainer's train size
-    images = torch.zeros(n, 3, size, size)
+    # The executable is compiled for what the loader yields: uint8 images (generated data: float32).
+    images = torch.zeros(n, 3, size, size, dtype=torch.float32 if cfg.data.dataset == "generated" else torch.uint8)
     classes = cfg.model.num_classes
     targets = torch.full((n, classes), 1.0 / classes) if soft else torch.zeros(n, dtype=torch.long)
     out(f"compiling the training executable with example inputs {tuple(images.shape)} ...")

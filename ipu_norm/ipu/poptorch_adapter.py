@@ -26,11 +26,13 @@ against it (run-time on a table-generated stand-in, and an AST scan), so add a n
   ``setPartialsType(torch.float | torch.half)``; _TensorLocationOptions: ``setOptimizerLocation(
   TensorLocationSettings)``; TensorLocationSettings: ``useOnChipStorage(bool)``, ``useReplicatedTensorSharding(bool)``;
   ``PipelinedExecution(AutoStage.AutoIncrement)``.
-- python/enums.py: ``ReductionType.Mean``, ``OutputMode.All``, ``AutoStage.AutoIncrement``, ``DataLoaderMode.Async``.
+- python/enums.py: ``ReductionType.Mean``, ``OutputMode.All`` / ``Sum``, ``AutoStage.AutoIncrement``,
+  ``DataLoaderMode.AsyncRebatched``.
 - python/ops.py: ``BeginBlock(module, user_id, ipu_id)`` (registers a forward pre-hook, returns the module),
   ``recomputationCheckpoint(*tensors)``, ``identity_loss(x, reduction)`` with reduction 'sum' | 'mean' | 'none'.
 - python/__init__.py: ``trainingModel(model, options, optimizer)``, ``inferenceModel(model, options)``,
-  ``DataLoader(options, dataset, batch_size, shuffle, num_workers, drop_last, ..., mode)``.
+  ``DataLoader(options, dataset, batch_size, shuffle, num_workers, drop_last, ..., auto_distributed_partitioning,
+  mode, ..., **kwargs)`` (kwargs, e.g. ``sampler``, go to torch's DataLoader).
 - python/_poplar_executor.py, PoplarExecutor: ``compile``, ``copyWeightsToHost``, ``setOptimizer``,
   ``detachFromDevice``, ``destroy``, ``isAttachedToDevice``.
 - python/optim.py: ``SGD(params, lr, momentum, dampening, weight_decay, nesterov, ..., loss_scaling,
@@ -129,8 +131,10 @@ def option_calls(plan: ExecutionPlan, *, popdist: bool = False, for_inference: b
         calls.append(OptionCall("Training.accumulationAndReplicationReductionType", (Ref("ReductionType.Mean"),)))
         if plan.loss_scaling.auto:
             calls.append(OptionCall("Training.setAutomaticLossScaling", (True,)))
-    # Training returns the loss of every micro-batch so the host can log the mean; inference needs every output.
-    calls.append(OptionCall("outputMode", (Ref("OutputMode.All"),)))
+    # Training returns the sums of its outputs (loss, correct predictions) over the host call, as Graphcore's
+    # application does (one scalar pair per replica crosses the link); inference needs every output.
+    training_model = plan.training and not for_inference
+    calls.append(OptionCall("outputMode", (Ref("OutputMode.Sum" if training_model else "OutputMode.All"),)))
     calls.append(
         OptionCall(
             "setAvailableMemoryProportion",
@@ -291,40 +295,57 @@ def annotate_model(model: nn.Module, plan: ExecutionPlan, poptorch: Any = None, 
 
 
 class TrainingModelWithLoss(nn.Module):
-    """The module handed to ``poptorch.trainingModel``: forward(images, targets) -> loss.
+    """The module handed to ``poptorch.trainingModel``: forward(images, targets) -> (loss, correct).
 
-    PopTorch builds backward from ``poptorch.identity_loss``. Images are cast to the compute dtype inside the graph;
-    the loss is computed in fp32 for stability in 16.x precisions. Logits are not returned by default: with
-    ``OutputMode.All`` every output travels to the host for every micro-batch.
+    PopTorch builds backward from ``poptorch.identity_loss``. uint8 images (8-bit host I/O) are converted and
+    normalised by `input_norm` (ipu_norm.data.device.NormalizeUint8) as the graph's first layer; images are then cast
+    to the compute dtype; the loss is computed in fp32 for stability in 16.x precisions. ``correct`` is the number of
+    top-1 hits of the micro-batch (integer targets, or the argmax of soft ones): with ``OutputMode.Sum`` the host
+    receives both summed over the host call. Logits are not returned unless `return_logits`.
     """
 
     def __init__(self, model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 compute_dtype: torch.dtype = torch.float32, poptorch: Any = None, return_logits: bool = False) -> None:
+                 compute_dtype: torch.dtype = torch.float32, poptorch: Any = None, return_logits: bool = False,
+                 input_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.compute_dtype = compute_dtype
         self.return_logits = return_logits
+        self.input_norm = input_norm
         self._poptorch = poptorch
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> Any:
-        logits = self.model(images.to(self.compute_dtype))
+        logits = self.model(_device_input(images, self.input_norm).to(self.compute_dtype))
         loss = self.criterion(logits.float(), targets)
         poptorch = self._poptorch or import_poptorch()
         loss = poptorch.identity_loss(loss, reduction="mean")
-        return (loss, logits) if self.return_logits else loss
+        labels = targets.argmax(-1) if targets.dim() > 1 else targets
+        correct = (logits.argmax(-1) == labels).float().sum()
+        return (loss, correct, logits) if self.return_logits else (loss, correct)
+
+
+def _device_input(images: torch.Tensor, input_norm: nn.Module | None) -> torch.Tensor:
+    """uint8 images through `input_norm` (in the graph); float ones as they are (the generated dataset)."""
+    if images.dtype == torch.uint8:
+        if input_norm is None:
+            raise TypeError("uint8 images reached a model without an input normalisation layer (NormalizeUint8)")
+        return input_norm(images)
+    return images
 
 
 class InferenceModel(nn.Module):
-    """The module handed to ``poptorch.inferenceModel``: images -> fp32 logits."""
+    """The module handed to ``poptorch.inferenceModel``: images (uint8 through `input_norm`) -> fp32 logits."""
 
-    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype = torch.float32,
+                 input_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.compute_dtype = compute_dtype
+        self.input_norm = input_norm
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.compute_dtype)).float()
+        return self.model(_device_input(images, self.input_norm).to(self.compute_dtype)).float()
 
 
 def cast_model_for_precision(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
@@ -393,18 +414,78 @@ def create_optimizer(params: Any, name: str, hparams: Mapping[str, Any], plan: E
     return getattr(poptorch.optim, cls_name)(params, **kw)
 
 
-def create_dataloader(options: Any, dataset: Any, plan: ExecutionPlan, *, shuffle: bool = True, num_workers: int = 0,
+@dataclass(frozen=True)
+class HostCall:
+    """What one PopTorch host call of a training executable consumes and returns (plain arithmetic, no poptorch).
+
+    PopTorch's rule (python/__init__.py:319-330 at sdk/poptorch/3.4.0): a ``poptorch.DataLoader`` with
+    ``batch_size`` = the micro-batch yields batches of ``batch_size x deviceIterations x (replicationFactor /
+    input_group_size) x gradientAccumulation`` samples -- one host call. ``replicas`` is the replication factor of
+    this process's Options (all replicas, or the local ones under poprun).
+    """
+
+    micro_batch: int
+    device_iterations: int
+    replicas: int
+    gradient_accumulation: int
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per host call (``_num_batches_to_combine`` in PopTorch)."""
+        return self.device_iterations * self.replicas * self.gradient_accumulation
+
+    @property
+    def samples(self) -> int:
+        """Samples per host call: the poptorch.DataLoader's combined batch size (``combinedBatchSize``)."""
+        return self.micro_batch * self.micro_batches
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples of one optimizer step over this process's replicas."""
+        return self.samples // self.device_iterations
+
+    def sum_divisor(self) -> int:
+        """What an ``OutputMode.Sum`` output of a per-micro-batch mean (the loss) is divided by to give the mean
+        over the host call: one term per micro-batch of every device iteration, accumulation step and replica."""
+        return self.micro_batches
+
+    def loader_batches(self, num_samples: int, drop_last: bool = True) -> int:
+        """Batches an AsyncRebatched ``poptorch.DataLoader`` yields over `num_samples` sampled indices: whole host
+        calls, plus one short batch for the remainder unless `drop_last` (PopTorch's ``DataLoader.__len__``,
+        python/__init__.py:468-478)."""
+        whole, rest = divmod(int(num_samples), self.samples)
+        return whole + (1 if rest and not drop_last else 0)
+
+
+def host_call(plan: ExecutionPlan, local_replicas: int | None = None) -> HostCall:
+    """The `HostCall` of `plan`'s training executable for a process driving `local_replicas` (default: all)."""
+    return HostCall(plan.micro_batch_size, plan.device_iterations,
+                    plan.replicas if local_replicas is None else int(local_replicas), plan.gradient_accumulation)
+
+
+def dataloader_kwargs(plan: ExecutionPlan, *, sampler: Any = None, num_workers: int = 0, **kwargs: Any) -> dict:
+    """Keyword arguments of ``poptorch.DataLoader`` for `plan` (pure; ``mode`` is a `Ref`).
+
+    batch_size is the micro-batch: PopTorch multiplies it by device iterations, replicas and accumulation itself.
+    With a `sampler` (ours shards per process and resumes mid-epoch), PopTorch's own distributed partitioning is
+    off and ``shuffle`` is False (the sampler shuffles). drop_last=True: a short last host call would need another
+    executable.
+    """
+    kw: dict[str, Any] = {"batch_size": plan.micro_batch_size, "shuffle": sampler is None, "num_workers": num_workers,
+                          "drop_last": True,
+                          # A loading process prefetches whole host calls (AsynchronousDataAccessor rebatches the
+                          # workers' batches to the combined size).
+                          "mode": Ref("DataLoaderMode.AsyncRebatched")}
+    if sampler is not None:
+        kw.update(sampler=sampler, auto_distributed_partitioning=False)
+    kw.update(kwargs)
+    return kw
+
+
+def create_dataloader(options: Any, dataset: Any, plan: ExecutionPlan, *, sampler: Any = None, num_workers: int = 0,
                       poptorch: Any = None, **kwargs: Any) -> Any:
-    """``poptorch.DataLoader`` with batch_size = micro-batch (PopTorch multiplies by device iterations, replicas and
-    accumulation itself) and asynchronous host-side loading."""
+    """``poptorch.DataLoader`` over `dataset` in AsyncRebatched mode whose batches are whole host calls
+    (`dataloader_kwargs`; extra `kwargs` such as collate_fn / worker_init_fn / generator go to torch's loader)."""
     poptorch = poptorch or import_poptorch()
-    return poptorch.DataLoader(
-        options,
-        dataset,
-        batch_size=plan.micro_batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        drop_last=True,
-        mode=poptorch.DataLoaderMode.Async,
-        **kwargs,
-    )
+    kw = dataloader_kwargs(plan, sampler=sampler, num_workers=num_workers, **kwargs)
+    return poptorch.DataLoader(options, dataset, **{k: _resolve_arg(v, poptorch) for k, v in kw.items()})

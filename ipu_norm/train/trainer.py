@@ -31,6 +31,7 @@ from torch import nn
 from ipu_norm.config.loader import config_to_dict, dump_config
 from ipu_norm.config.schema import Config
 from ipu_norm.data.datasets import IGNORE_TARGET
+from ipu_norm.data.mixup import mix_keeping_dtype
 from ipu_norm.train.backend import Backend, TrainSpec, get_backend, resolve_device
 from ipu_norm.train.builders import (
     build_criterion,
@@ -548,15 +549,18 @@ class Trainer:
     # ---------------------------------------------------------------------------------- training
 
     def _micro_batches(self, it: Iterator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for _ in range(self.micro_per_call):
+        """`micro_per_call` micro-batches from `it`, whose batches are micro-batches or (the IPU backend's
+        poptorch.DataLoader) whole host calls, split here into micro-batch views."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        while len(out) < self.micro_per_call:
             t0 = time.perf_counter()
             images, labels = next(it)
             self._data_wait += time.perf_counter() - t0
-            images = self.device_input(images)
-            if self.mixup is not None:
-                images, labels = self.mixup(images, labels)
-            out.append((images, labels))
+            for x, y in zip(images.split(self.micro), labels.split(self.micro)):
+                x = self.device_input(x)
+                if self.mixup is not None:
+                    x, y = mix_keeping_dtype(self.mixup, x, y)
+                out.append((x, y))
         return out
 
     def fit(self) -> RunResult:
@@ -575,8 +579,12 @@ class Trainer:
                 self.sampler.set_epoch(epoch)
                 self.sampler.set_start_batch(self.batch_in_epoch, self.micro)
                 start_call = self.batch_in_epoch // self.micro_per_call
+                # The IPU backend loads each epoch through its own poptorch.DataLoader (whole host calls); its
+                # loading process starts when it is built.
+                epoch_loader = getattr(self.backend, "epoch_loader", None)
                 with starting_workers():  # workers started here ignore a signal to the process group
-                    it = iter(self.train_loader)
+                    loader = epoch_loader(self.train_loader) if epoch_loader is not None else self.train_loader
+                    it = iter(loader)
                 window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.perf_counter()
                 self._data_wait = 0.0
                 save_after_validation = False
