@@ -6,6 +6,8 @@ the function here.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +23,20 @@ def is_compiling() -> bool:
     # here would make ``torch`` a local name of this function, unbound on the first line)
 
     return bool(_dynamo.is_compiling())
+
+
+def finalize_with_storage(t: torch.Tensor, fn: Callable[..., Any], *args: Any) -> None:
+    """Call ``fn(*args)`` when the storage of `t` is freed.
+
+    torch >= 2.1 keeps one Python object per storage for as long as the storage lives, and a weakref finalizer on
+    it fires exactly then. torch 2.0.x makes a new storage object at each ``untyped_storage()`` call, and a weakref
+    to one dangles (the interpreter crashes when it is touched): there the finalizer hangs on the tensor `t`
+    instead, exact when `t` owns its storage and early when a view of it outlives it.
+    """
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 1):
+        weakref.finalize(t.untyped_storage(), fn, *args)
+    else:
+        weakref.finalize(t, fn, *args)
 
 
 def flop_counter_mode() -> Any:

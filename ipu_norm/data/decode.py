@@ -3,7 +3,7 @@
 An :class:`EncodedImage` holds a file's bytes and decodes on demand only the region a transform asks for:
 
 - JPEG with the small C helper (``csrc/jpeg_region.c``, built at first use against the system's libjpeg-turbo,
-  like ``ipu_norm.ops.cpu_kernels``): only the crop's rows and (iMCU-aligned) columns go through the IDCT and
+  with a clear fallback): only the crop's rows and (iMCU-aligned) columns go through the IDCT and
   colour conversion, optionally DCT-downscaled by M/8 when the crop is much larger than the output.
 - JPEG without the helper (no C compiler or no ``jpeglib.h``; ``IPU_NORM_JPEG_EXT=0``): torchvision's
   ``decode_jpeg`` (libjpeg-turbo too) decodes the whole image, then the region is sliced out.

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +46,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
+
+from ipu_norm.compat import finalize_with_storage
 
 OPTIMIZERS = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop_momentum", "lamb")
 
@@ -216,7 +217,7 @@ class _OpRecorder(TorchDispatchMode):
                 continue  # a view or an in-place result: no new memory
             self.producer[key] = idx
             # A freed storage's address may be reused: forget it when it dies.
-            weakref.finalize(st, self._forget, key)
+            finalize_with_storage(leaf, self._forget, key)
             created.append(st.nbytes() // leaf.element_size())
         self.ops.append(OpRecord(self.current[-1], sum(created), tuple(sorted(inputs))))
         return out
@@ -355,7 +356,7 @@ class LiveStorageTracker(TorchDispatchMode):
         n = st.nbytes()
         self.live += n
         self.peak = max(self.peak, self.live)
-        weakref.finalize(st, self._release, key, n)
+        finalize_with_storage(t, self._release, key, n)
 
     def _release(self, key: int, n: int) -> None:
         self._keys.discard(key)
