@@ -64,9 +64,13 @@ def test_matches_per_unit_reference_float64(clip: float) -> None:
     params = _params_with_grads()
     before = [p.grad.clone() for p in params]
     expected = [_reference_clip(p.detach(), p.grad, clip) for p in params]
-    adaptive_clip_grad_(params, clip)
+    fraction = adaptive_clip_grad_(params, clip)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-15)
+    # The returned fraction counts the units the reference changed (rows of conv/linear, whole vectors/scalars).
+    units = [(b != e).reshape(e.shape[0], -1).any(1) if e.ndim >= 2 else (b != e).reshape(1, -1).any(1)
+             for b, e in zip(before, expected)]
+    assert fraction.item() == pytest.approx(torch.cat(units).double().mean().item())
     # Both branches of the rule were exercised: some conv/linear rows clipped, some left untouched.
     changed = [(b != e).reshape(e.shape[0], -1).any(1) for b, e in zip(before, expected) if e.ndim >= 2]
     changed = torch.cat(changed)

@@ -84,6 +84,22 @@ def test_tensorboard_event_file_read_back(tmp_path: Path) -> None:
     assert top1.step == 3 and top1.value == pytest.approx(val["top1"], rel=1e-6)
 
 
+
+def test_agc_clip_fraction_reaches_metrics_and_tensorboard(tmp_path: Path) -> None:
+    """The fraction of units AGC clipped per step is logged (metrics.jsonl and TensorBoard) for AGC runs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(str(ROOT / "configs" / "tiny_nf_resnet50_agc.yml"),
+                      flags={"train.output_dir": str(tmp_path), "train.max_steps": 2, "train.tensorboard": True,
+                             "finetune.enabled": False})
+    train(cfg, log=lambda _: None)
+    train_recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    fractions = [r["agc_clip_fraction"] for r in train_recs]
+    assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    np.testing.assert_allclose([e.value for e in acc.Scalars("train/agc_clip_fraction")], fractions, rtol=1e-6)
+
 def _wandb_history(path: Path) -> list[dict[str, str]]:
     """The history rows of a W&B run file: a LevelDB-style log (7-byte file header; 32 KiB blocks of records with a
     7-byte header: crc32 4, length 2, type 1 = full / 2 first / 3 middle / 4 last) of protobuf ``Record``s."""

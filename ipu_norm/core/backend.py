@@ -57,6 +57,7 @@ class StepResult:
     samples: int  # samples this process consumed in the step
     skipped: bool = False  # the update was skipped (inf/nan gradients: GradScaler overflow, or fp32/bf16 guard)
     accuracy: float | None = None  # top-1 training accuracy of the step's samples, where the backend returns it
+    agc_clip_fraction: float | None = None  # fraction of units AGC clipped in the step, where the backend clips
 
 
 @dataclasses.dataclass

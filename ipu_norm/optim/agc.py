@@ -100,17 +100,20 @@ def adaptive_clip_grad_(
     parameters: Iterable[torch.Tensor] | torch.Tensor,
     clip_factor: float = 0.01,
     eps: float = 1e-3,
-) -> None:
+) -> torch.Tensor | None:
     """Clip the .grad of `parameters` in place, unit-wise (module docstring). Parameters without grad are skipped.
 
     Call on the fully accumulated, all-reduced, unscaled gradient, once per optimizer step. The unit-wise norms
     of weights and gradients are computed here, from the tensors as they are, on every call.
+
+    Returns the fraction of units clipped (a 0-dim float32 tensor on the first gradient's device, so reading it
+    is the caller's choice of synchronisation), or None when no parameter has a gradient.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     if not params:
-        return
+        return None
     if any(p.grad.is_sparse for p in params):
         raise RuntimeError("adaptive_clip_grad_ does not support sparse gradients")
     grads = [p.grad for p in params]
@@ -119,6 +122,7 @@ def adaptive_clip_grad_(
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, g in enumerate(grads):  # only builds index lists
         by_device[g.device].append(i)
+    n_clipped, n_units = torch.zeros((), device=grads[0].device), 0
     for device, idx in by_device.items():
         # All units of all tensors on this device as one flat vector: one where() for the whole model.
         acc = torch.float64 if any(w_norms[i].dtype == torch.float64 for i in idx) else torch.float32
@@ -127,12 +131,15 @@ def adaptive_clip_grad_(
         max_norm = w.clamp_min(eps) * clip_factor
         clipped = g > max_norm
         f = torch.where(clipped, max_norm / g.clamp_min(GRAD_NORM_EPS), torch.ones_like(g))
+        n_clipped = n_clipped + clipped.sum().to(n_clipped.device, torch.float32)
+        n_units += clipped.numel()
         sizes = [w_norms[i].numel() for i in idx]
         if device.type == "cpu":
             _scale_clipped_rows_cpu([grads[i] for i in idx], f, clipped, sizes)
         else:
             factors = [fi.view(w_norms[i].shape).to(grads[i].dtype) for i, fi in zip(idx, f.split(sizes))]
             torch._foreach_mul_([grads[i] for i in idx], factors)
+    return n_clipped / max(n_units, 1)
 
 
 def _scale_clipped_rows_cpu(grads: list[torch.Tensor], factors: torch.Tensor, clipped: torch.Tensor,

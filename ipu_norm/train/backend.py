@@ -124,12 +124,13 @@ class TorchBackend:
             samples += images.shape[0]
         if self.scaler is not None:
             self.scaler.unscale_(opt)
+        clip_fraction = None
         if self.spec.agc_clip is not None:
             from ipu_norm.optim.agc import adaptive_clip_grad_
 
             # Once per optimizer step, on the accumulated, all-reduced, unscaled gradients, before the step
             # (which applies weight decay and momentum).
-            adaptive_clip_grad_(self.agc_params, self.spec.agc_clip, eps=self.spec.agc_eps)
+            clip_fraction = adaptive_clip_grad_(self.agc_params, self.spec.agc_clip, eps=self.spec.agc_eps)
         skipped = False
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
@@ -143,7 +144,8 @@ class TorchBackend:
             # into nan. Skip the update instead (gradients are all-reduced, so every rank decides alike); the
             # trainer stops after train.max_nonfinite_steps such steps in a row.
             skipped = True
-        return StepResult(loss=float(total_loss / n), samples=samples, skipped=skipped)
+        return StepResult(loss=float(total_loss / n), samples=samples, skipped=skipped,
+                          agc_clip_fraction=None if clip_fraction is None else float(clip_fraction))
 
     @torch.no_grad()
     def eval_step(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
