@@ -272,7 +272,7 @@ def test_every_tiny_config_runs_to_the_end(config: str, tmp_path: Path, capsys) 
     rc = run_train.main(["--config", str(ROOT / "configs" / config), "--output-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert rc == 0, out[-2000:]
-    assert "done:" in out
+    assert "run summary" in out and "top-1 (final)" in out  # the closing table of a finished run
     cfg = load_config(ROOT / "configs" / config)
     if cfg.finetune.enabled:
         assert (tmp_path / "run" / "finetune" / "final_metrics.json").is_file()
