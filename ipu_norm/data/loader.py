@@ -67,6 +67,17 @@ class EpochDataLoader(DataLoader):
             set_epoch(epoch)
         return super().__iter__()
 
+    def shutdown_workers(self) -> None:
+        """Stop persistent workers now, as the loader's garbage collection would.
+
+        Call it when done with the loader: its workers may ignore SIGTERM (:func:`ipu_norm.train.interrupt.
+        shield_loader_workers`), and then nothing else stops them before the interpreter waits for them at exit.
+        """
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch on the sampler (and, through ``__iter__``, on the dataset)."""
         if hasattr(self.sampler, "set_epoch"):

@@ -742,7 +742,11 @@ class Trainer:
         barrier(self.dist)  # the averaged checkpoint is on disk before anyone reads it
 
     def close(self) -> None:
-        """Tear down the process group (if this trainer created it)."""
+        """Stop the loaders' persistent workers and tear down the process group (if this trainer created it)."""
+        for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
+            shutdown = getattr(loader, "shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         cleanup_distributed(self.dist)
 
 
