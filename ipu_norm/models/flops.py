@@ -81,26 +81,33 @@ def count_flops(model: nn.Module, input_size: int | Sequence[int], in_chans: int
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        meta_state = {
-            name: torch.empty_like(t, device="meta")
-            for name, t in list(model.named_parameters()) + list(model.named_buffers())
-        }
-        x = torch.empty((1,) + shape, device="meta")
-        counter = flop_counter_mode()
-        with torch.no_grad():
-            try:
-                with counter:
-                    functional_call(model, meta_state, (x,))
-            except (NotImplementedError, RuntimeError) as exc:
-                # A model that creates real tensors inside forward cannot mix them with meta ones: fall back
-                # to one real forward pass of a single image.
-                warnings.warn(f"meta-tensor FLOP count failed ({exc}); running one real forward pass", stacklevel=2)
-                p = next(model.parameters(), None)
-                counter = flop_counter_mode()
-                with counter:
-                    model(torch.zeros((1,) + shape, device=p.device if p is not None else "cpu"))
+        # Per image: the count at batch 2 minus the count at batch 1, so work that does not scale with the batch
+        # (the Proxy Norm statistics, C x 200 values per layer from the parameters) is not charged to each image.
+        one, two = _batch_counts(model, shape, 1), _batch_counts(model, shape, 2)
     finally:
         for m, flag in was_training.items():
             m.train(flag)
-    by_op = {str(op): int(flops) // 2 for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+    by_op = {op: (two.get(op, 0) - one.get(op, 0)) // 2 for op in two if two.get(op, 0) != one.get(op, 0)}
     return FlopCount(macs=sum(by_op.values()), params=count_params(model), input_size=shape, by_op=by_op)
+
+
+def _batch_counts(model: nn.Module, shape: tuple[int, int, int], batch: int) -> dict[str, int]:
+    """FLOPs per op of one forward pass at `batch` images of `shape` (meta tensors; one real pass as fallback)."""
+    meta_state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+    }
+    counter = flop_counter_mode()
+    with torch.no_grad():
+        try:
+            with counter:
+                functional_call(model, meta_state, (torch.empty((batch,) + shape, device="meta"),))
+        except (NotImplementedError, RuntimeError) as exc:
+            # A model that creates real tensors inside forward cannot mix them with meta ones: fall back
+            # to one real forward pass.
+            warnings.warn(f"meta-tensor FLOP count failed ({exc}); running one real forward pass", stacklevel=3)
+            p = next(model.parameters(), None)
+            counter = flop_counter_mode()
+            with counter:
+                model(torch.zeros((batch,) + shape, device=p.device if p is not None else "cpu"))
+    return {str(op): int(flops) for op, flops in counter.get_flop_counts().get("Global", {}).items()}
