@@ -121,7 +121,7 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path: Path) -> None:
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "global batch 16 = micro 4 x accum 2 x 2" in proc.stdout
-    assert proc.stdout.count("done:") == 1  # only rank 0 prints
+    assert proc.stdout.count("run summary") == 1  # only rank 0 prints the closing table
     assert len(list((out / "checkpoints").glob("ckpt_step*.pt"))) == 1
     assert (out / "metrics.jsonl").read_text().count('"kind": "train"') == 3
     # Resume with 2 processes: each rank restores its own RNG streams; training continues to step 5.
