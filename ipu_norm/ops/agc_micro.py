@@ -37,8 +37,13 @@ CUSTOM_OP_DOMAIN = "ipu_norm"
 CUSTOM_OP_VERSION = 1
 
 
-def _unit_norms(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of every unit of x (rows for ndim >= 2, keepdim; the whole tensor for ndim <= 1)."""
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of every unit of x, broadcastable against x (REFERENCE.md's AGC units).
+
+    ndim <= 1 (bias, gain vector, scalar): one norm of the whole tensor (0-d result).
+    ndim >= 2 (Linear (out, in), conv (out, in, kh, kw), WS gain (out, 1, 1, 1)): one norm per row over all
+    dims but the first, keepdim (shape (out, 1, ...)). Shared by the per-step AGC (``ipu_norm.optim.agc``).
+    """
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
@@ -49,8 +54,8 @@ def clip_unitwise(grad: torch.Tensor, weight: torch.Tensor, clip: float, eps: fl
     """``grad`` (one micro-batch's dL/dW, scaled by ``loss_scale``) clipped unit-wise against ``weight``."""
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     g = grad.to(acc)
-    max_norm = _unit_norms(weight.detach().to(acc)).clamp_min(eps) * clip
-    g_norm = _unit_norms(g) / loss_scale
+    max_norm = unitwise_norm(weight.detach().to(acc)).clamp_min(eps) * clip
+    g_norm = unitwise_norm(g) / loss_scale
     factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_EPS), torch.ones_like(g_norm))
     return (g * factor).to(grad.dtype)
 

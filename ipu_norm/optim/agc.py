@@ -35,21 +35,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ipu_norm.ops.agc_micro import GRAD_NORM_EPS, unitwise_norm
+
 __all__ = ["AGC", "adaptive_clip_grad_", "agc_parameters", "unitwise_norm"]
-
-GRAD_NORM_EPS = 1e-6  # guard of ||G_i|| (REFERENCE.md)
-
-
-def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of every unit of x, broadcastable against x.
-
-    ndim <= 1 (bias, gain vector, scalar): one norm of the whole tensor (0-d result).
-    ndim >= 2 (Linear (out, in), conv (out, in, kh, kw), WS gain (out, 1, 1, 1)): one norm per row over all
-    dims but the first, keepdim (shape (out, 1, ...)).
-    """
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
 def _unitwise_norms_grouped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
