@@ -80,16 +80,22 @@ int jpeg_region_init(const char *path) {
     return 0;
 }
 
+/* The error manager of one call: libjpeg's defaults, errors longjmp back with their message in msg. */
+static struct jpeg_error_mgr *region_error_init(struct region_err *err, char *msg, int msg_len) {
+    struct jpeg_error_mgr *mgr = J.std_error(&err->pub);
+    err->pub.error_exit = region_error_exit;
+    err->pub.output_message = region_output_message;
+    err->msg = msg;
+    err->msg_len = msg_len;
+    return mgr;
+}
+
 /* Image size and colour components from the header: info[0] = width, info[1] = height, info[2] = components,
  * info[3] = libjpeg's J_COLOR_SPACE of the file. Returns 0 on success. */
 int jpeg_region_info(const unsigned char *buf, unsigned long len, int *info, char *msg, int msg_len) {
     struct jpeg_decompress_struct cinfo;
     struct region_err err;
-    cinfo.err = J.std_error(&err.pub);
-    err.pub.error_exit = region_error_exit;
-    err.pub.output_message = region_output_message;
-    err.msg = msg;
-    err.msg_len = msg_len;
+    cinfo.err = region_error_init(&err, msg, msg_len);
     if (setjmp(err.jump)) {
         J.destroy_decompress(&cinfo);
         return 1;
@@ -116,11 +122,7 @@ int jpeg_region_decode(const unsigned char *buf, unsigned long len, int scale_nu
     struct jpeg_decompress_struct cinfo;
     struct region_err err;
     unsigned char *volatile row = NULL;
-    cinfo.err = J.std_error(&err.pub);
-    err.pub.error_exit = region_error_exit;
-    err.pub.output_message = region_output_message;
-    err.msg = msg;
-    err.msg_len = msg_len;
+    cinfo.err = region_error_init(&err, msg, msg_len);
     if (setjmp(err.jump)) {
         free(row);
         J.destroy_decompress(&cinfo);
