@@ -5,7 +5,7 @@ An :class:`EncodedImage` holds a file's bytes and decodes on demand only the reg
 - JPEG with the small C helper (``csrc/jpeg_region.c``, built at first use against the system's libjpeg-turbo,
   with a clear fallback): only the crop's rows and (iMCU-aligned) columns go through the IDCT and
   colour conversion, optionally DCT-downscaled by M/8 when the crop is much larger than the output.
-- JPEG without the helper (no C compiler or no ``jpeglib.h``; ``IPU_NORM_JPEG_EXT=0``): torchvision's
+- JPEG without the helper (no C compiler or no ``jpeglib.h``): torchvision's
   ``decode_jpeg`` (libjpeg-turbo too) decodes the whole image, then the region is sliced out.
 - Anything else (PNG, GIF, 16-bit, CMYK JPEG, a JPEG that does not end with its EOI marker, a JPEG either
   decoder rejects): :func:`ipu_norm.data.datasets.load_rgb` (Pillow), so unreadable files raise what Pillow raises
@@ -61,7 +61,7 @@ def _build(out: Path) -> None:
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
     """The region decoder, built once per source version into ``IPU_NORM_EXT_DIR`` (None when unavailable)."""
-    if os.environ.get("IPU_NORM_JPEG_EXT", "1") == "0" or os.name != "posix":
+    if os.name != "posix":
         return None
     tag = hashlib.sha256(_SRC.read_bytes() + " ".join(_CFLAGS).encode() + os.uname().machine.encode()).hexdigest()
     root = Path(os.environ.get("IPU_NORM_EXT_DIR", Path.home() / ".cache" / "ipu_norm"))
