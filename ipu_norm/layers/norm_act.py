@@ -28,9 +28,10 @@ from ipu_norm.layers.activations import ACT_FNS, canonical_act_name
 from ipu_norm.layers.proxy_norm import (
     DEFAULT_PROXY_EPS,
     ProxyStatsMixin,
-    apply_proxy_norm_act,
+    proxy_norm_act,
     relu_add_shift,
 )
+from ipu_norm.ops import native
 from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES
 
 NORM_KINDS = ("bn", "gn", "ln", "gn+pn", "ln+pn", "none")
@@ -120,6 +121,7 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
             self.num_quantiles = num_quantiles
             self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
             self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
+            native.load()  # at construction, never in forward: the path is fixed before the first step
 
     def _proxy_spec(self) -> tuple[tuple[torch.Tensor, ...], str, float, int] | None:
         if not self.proxy:
@@ -136,13 +138,14 @@ class GroupNormAct(ProxyStatsMixin, nn.GroupNorm):
             if self.act_name == "silu":
                 return F.silu(x, inplace=True)
             return ACT_FNS[self.act_name](x)
-        scale, shift = self.proxy_affine()
         if self.act_name == "relu":
             # The PN scale (> 0) commutes with ReLU: fold it into GroupNorm's affine (relu_add_shift docstring).
+            scale, shift = self.proxy_affine()
             x = F.group_norm(x, self.num_groups, self.weight * scale, self.bias * scale, self.eps)
             return relu_add_shift(x, shift)
         x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return apply_proxy_norm_act(x, self.act_name, scale, shift)
+        return proxy_norm_act(x, self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.act_name,
+                              self.proxy_eps, self.num_quantiles)
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, act={self.act_name}"

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from ipu_norm.layers.activations import ACT_FNS, act_vjp, canonical_act_name
-from ipu_norm.ops.proxy_stats import PROXY_ACTS, PROXY_NUM_QUANTILES, proxy_stats, uses_plain_ops
+from ipu_norm.ops import native
+from ipu_norm.ops.proxy_stats import (
+    PROXY_ACTS,
+    PROXY_NUM_QUANTILES,
+    native_ops_for,
+    proxy_stats,
+    uses_plain_ops,
+)
 
 DEFAULT_PROXY_EPS = 0.03
 # Parameter names of the proxy variable (beta~, gamma~). Among the PN parameters only these are
@@ -38,7 +45,16 @@ def proxy_affine(
     eps: float = DEFAULT_PROXY_EPS,
     num_quantiles: int = PROXY_NUM_QUANTILES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) with PN(z) = z * scale + shift: scale = 1/sqrt(var~ + eps), shift = -mu~ * scale."""
+    """Per-channel (scale, shift) with PN(z) = z * scale + shift: scale = 1/sqrt(var~ + eps), shift = -mu~ * scale.
+
+    On CPU one operator computes both from the four parameters, forward and backward (``ipu_norm.ops.native``);
+    elsewhere `proxy_stats` and two ATen ops.
+    """
+    act = canonical_act_name(act)
+    if act in PROXY_ACTS and gamma.dim() == 1 and native_ops_for(gamma):
+        dtype = torch.float64 if gamma.dtype == torch.float64 else torch.float32
+        params = [t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta)]
+        return torch.ops.ipu_norm.proxy_affine(*params, num_quantiles, act, eps)
     mean, var = proxy_stats(gamma, beta, proxy_gamma, proxy_beta, act, num_quantiles)
     scale = torch.rsqrt(var + eps)
     return scale, -mean * scale
@@ -135,6 +151,8 @@ def relu_add_shift(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     relu(gamma x + beta) * s + t == relu((gamma s) x + beta s) + t exactly; a norm with a fused affine
     (GroupNormAct) then pays one add per element for Proxy Norm instead of a multiply-add and its backward.
     """
+    if native_ops_for(u):
+        return torch.ops.ipu_norm.relu_shift(u, shift.to(u.dtype))
     t = _channel_view(shift, u)
     if torch.is_grad_enabled() and not uses_plain_ops():
         return _ReluShiftFn.apply(u, t)
@@ -149,10 +167,37 @@ def apply_proxy_norm_act(
     Uses the memory-lean fused autograd function when gradients are needed; under poptorch tracing
     (PopART differentiates the traced forward itself) and without grad, the plain two ops.
     """
+    if act != "identity" and native_ops_for(x_affine):
+        return torch.ops.ipu_norm.pn_act(x_affine, scale.to(x_affine.dtype), shift.to(x_affine.dtype), act)
     s, t = _channel_view(scale, x_affine), _channel_view(shift, x_affine)
     if torch.is_grad_enabled() and not uses_plain_ops() and act != "identity":
         return _ProxyNormActFn.apply(x_affine, s, t, act)
     return ACT_FNS[act](x_affine) * s + t
+
+
+def proxy_norm_act(
+    x_affine: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    proxy_gamma: torch.Tensor,
+    proxy_beta: torch.Tensor,
+    act: str,
+    eps: float = DEFAULT_PROXY_EPS,
+    num_quantiles: int = PROXY_NUM_QUANTILES,
+) -> torch.Tensor:
+    """The whole PN-Act: phi(x_affine) * scale + shift with (scale, shift) = `proxy_affine` of the four parameters.
+
+    On CPU one operator does both, forward and backward (``ipu_norm.ops.native``); elsewhere `proxy_affine` and
+    `apply_proxy_norm_act`.
+    """
+    if act != "identity" and all(t.dtype == x_affine.dtype for t in (gamma, beta, proxy_gamma, proxy_beta)) and (
+        native_ops_for(x_affine)
+    ):
+        return torch.ops.ipu_norm.proxy_norm_act(
+            x_affine, gamma, beta, proxy_gamma, proxy_beta, num_quantiles, act, eps
+        )
+    scale, shift = proxy_affine(gamma, beta, proxy_gamma, proxy_beta, act, eps, num_quantiles)
+    return apply_proxy_norm_act(x_affine, act, scale, shift)
 
 
 class ProxyNormAct(ProxyStatsMixin, nn.Module):
@@ -181,13 +226,15 @@ class ProxyNormAct(ProxyStatsMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
         self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
+        native.load()  # at construction, never in forward: the path is fixed before the first step
 
     def _proxy_spec(self) -> tuple[tuple[torch.Tensor, ...], str, float, int]:
         return (self.weight, self.bias, self.proxy_weight, self.proxy_bias), self.act, self.eps, self.num_quantiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * _channel_view(self.weight, x) + _channel_view(self.bias, x)
-        return apply_proxy_norm_act(x, self.act, *self.proxy_affine())
+        return proxy_norm_act(x, self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.act, self.eps,
+                              self.num_quantiles)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, act={self.act}, eps={self.eps}, num_quantiles={self.num_quantiles}"

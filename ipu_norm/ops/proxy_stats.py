@@ -99,6 +99,22 @@ def uses_plain_ops() -> bool:
         return False
     return _PLAIN_OPS.get() or running_on_ipu()
 
+def native_ops_for(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU operators (``ipu_norm.ops.native``) compute the Proxy Norm of tensor `x`.
+
+    Yes for CPU float32/float64 contiguous tensors once the operators are built, except under `plain_ops()` and
+    PopTorch tracing. Builds them on the first eager call (layers do so at construction); under torch.compile
+    it never builds, it only asks whether they are loaded.
+    """
+    from ipu_norm.ops import native  # noqa: PLC0415 - lazily: a light module, but it imports the build tools
+
+    if not compat.is_compiling():
+        if uses_plain_ops() or x.device.type != "cpu":
+            return False
+        native.load()
+    return native.usable_for(x)
+
+
 def proxy_stats(
     gamma: torch.Tensor,
     beta: torch.Tensor,
