@@ -154,7 +154,7 @@ def test_cli_end_to_end_with_tiny_group(monkeypatch, tmp_path, capsys) -> None: 
     )
     monkeypatch.setattr(run, "build_groups", lambda num_classes, names: [group])
     out = tmp_path / "bench.json"
-    result = run.main(["--batch", "2", "--resolution", "16", "--steps", "2", "--warmup", "1", "--num-classes", "10",
+    result = run.main(["--batch", "2", "--resolution", "16", "20", "--steps", "2", "--warmup", "1", "--num-classes", "10",
                        "--threads", "1", "--modes", "eager",
                        "--gemm-size", "64", "--json", str(out)])
     text = capsys.readouterr().out
@@ -170,5 +170,8 @@ def test_cli_end_to_end_with_tiny_group(monkeypatch, tmp_path, capsys) -> None: 
     assert agc["overhead_share"] == pytest.approx(agc["overhead_ms"] / rows["a gn+pn"]["step_ms"])
     assert "PN overhead" in text and "AGC clip call share" in text and "skipped" in text
     assert "AGC overhead from step difference" in text
+    # Each --resolution is a group run of its own, labelled with its size.
+    assert [g["resolution"] for g in result["runs"][0]["groups"]] == [16, 20]
+    assert "| tiny @ 16 px | a gn |" in text and "| tiny @ 20 px | a gn |" in text
     saved = json.loads(out.read_text())
     assert saved["groups"][0]["rows"][0]["variant"] == "a gn+pn" and saved["gemm_peak_flops"] > 0

@@ -29,6 +29,8 @@ AGC_CLIP = 0.01
 # Dropout and stochastic depth off on both sides: their defaults differ between the libraries, and they
 # would make the step cost depend on random draws.
 NO_DROP = {"drop_rate": 0.0, "drop_path_rate": 0.0}
+# NFNet-F0's training resolution (Brock et al. 2021, Table 6); the AGC share goal is stated at it.
+NFNET_F0_TRAIN_RESOLUTION = 192
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Group:
     # Prototype rows: more (with PN, without PN) pairs, and more rows whose clip share is reported.
     extra_pn_pairs: list[tuple[str, str]] = field(default_factory=list)
     extra_agc_rows: list[str] = field(default_factory=list)
+    # A fixed image size for this group (e.g. a model's training resolution), else each of --resolution.
+    resolution: int | None = None
 
 
 def _ipu(name: str, num_classes: int, **kw) -> Callable[[], nn.Module]:
@@ -167,6 +171,7 @@ def build_groups(num_classes: int = 1000, names: list[str] | None = None) -> lis
             ],
             ratios=[("ipu_norm nfnet_f0 +agc", "timm dm_nfnet_f0 +agc", "NFNet-F0 + AGC vs timm", ">=1.0")],
             agc_pair=("ipu_norm nfnet_f0 +agc", "ipu_norm nfnet_f0 no-agc"),
+            resolution=NFNET_F0_TRAIN_RESOLUTION,
         ),
     ]
     if names:

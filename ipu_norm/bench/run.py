@@ -2,7 +2,7 @@
 
 Example (the Goals tables: 1 thread and the default thread count, eager and torch.compile'd):
 
-    python -m ipu_norm.bench --device cpu --batch 8 --resolution 96 --json bench.json
+    python -m ipu_norm.bench --device cpu --batch 8 --resolution 96 224 --json bench.json
     python -m ipu_norm.bench --short        # a few steps per variant: a quick look on a busy machine
 
 Every figure is the median over `--steps` timed training steps (forward, backward, clip where
@@ -70,8 +70,10 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run_group(group: Group, args: argparse.Namespace, device: torch.device, log) -> dict[str, Any]:  # noqa: ANN001
-    """Build, time and summarise one group; a variant that cannot be built is reported as skipped."""
+def run_group(group: Group, args: argparse.Namespace, device: torch.device, log,  # noqa: ANN001
+              resolution: int) -> dict[str, Any]:
+    """Build, time and summarise one group at `resolution` px; a variant that cannot be built is reported as
+    skipped."""
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     rows: list[dict[str, Any]] = []
     steps: list[TrainStep] = []
@@ -81,11 +83,11 @@ def run_group(group: Group, args: argparse.Namespace, device: torch.device, log)
         try:
             torch.manual_seed(0)
             model = v.build()
-            fwd_flops, flops_src = forward_flops(model, args.resolution)
+            fwd_flops, flops_src = forward_flops(model, resolution)
             row.update(params=sum(p.numel() for p in model.parameters()), fwd_flops_per_img=fwd_flops,
                        flops_source=flops_src)
             step = TrainStep(
-                model, None, args.batch, args.resolution, args.num_classes, device,
+                model, None, args.batch, resolution, args.num_classes, device,
                 channels_last=args.channels_last, amp_dtype=amp_dtype, compile_model=args.compile,
             )
             # The clip is built after the model moved to the device: it may capture parameters.
@@ -154,7 +156,7 @@ def run_group(group: Group, args: argparse.Namespace, device: torch.device, log)
     summary["extra_agc"] = [{"row": n, "clip_ms": by_name[n]["clip_ms"],
                              "share_of_step": by_name[n]["clip_ms"] / by_name[n]["step_ms"]}
                             for n in group.extra_agc_rows if n in by_name]
-    return {"name": group.name, "rows": rows, "summary": summary}
+    return {"name": group.name, "resolution": resolution, "rows": rows, "summary": summary}
 
 
 def paired_ratio(r_a: dict[str, Any], r_b: dict[str, Any]) -> float:
@@ -202,10 +204,10 @@ def format_report(result: dict[str, Any]) -> str:
     for g in result["groups"]:
         for r in g["rows"]:
             if "skipped" in r:
-                lines.append(f"| {g['name']} | {r['variant']} | skipped: {r['skipped'][:80]} | | | | | | | | |")
+                lines.append(f"| {_group_label(g)} | {r['variant']} | skipped: {r['skipped'][:80]} | | | | | | | | |")
                 continue
             lines.append(
-                f"| {g['name']} | {r['variant']} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} "
+                f"| {_group_label(g)} | {r['variant']} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} "
                 f"({r['step_ms_q1']:.0f}-{r['step_ms_q3']:.0f}) | {r['step_ms_min']:.0f} | {r['fwd_bwd_ms']:.0f} | "
                 f"{r['clip_ms']:.1f} | "
                 f"{r['opt_ms']:.1f} | {r['fwd_flops_per_img'] / 1e9:.2f} | {r['achieved_flops'] / 1e9:.1f} | "
@@ -215,16 +217,17 @@ def format_report(result: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---|---|"]
     for g in result["groups"]:
         s = g["summary"]
+        at = f" @ {g['resolution']} px" if "resolution" in g else ""
         for rt in s["ratios"]:
-            lines.append(f"| {rt['label']} (throughput ratio) | {rt['ratio']:.2f}x | {rt['ratio_paired']:.2f}x "
+            lines.append(f"| {rt['label']}{at} (throughput ratio) | {rt['ratio']:.2f}x | {rt['ratio_paired']:.2f}x "
                          f"| {rt['ratio_min']:.2f}x | {rt['goal']} | {_yn(rt['met'])} |")
         for p in s.get("pn_overheads", []):
-            lines.append(f"| PN overhead: {p['pair'][0]} vs {p['pair'][1]} (step time) | {100 * p['overhead']:+.1f}% "
+            lines.append(f"| PN overhead: {p['pair'][0]} vs {p['pair'][1]}{at} (step time) | {100 * p['overhead']:+.1f}% "
                          f"| {100 * p['overhead_paired']:+.1f}% | {100 * p['overhead_min']:+.1f}% | {p['goal']} "
                          f"| {_yn(p['met'])} |")
         if s["agc"]:
             a = s["agc"]
-            lines.append(f"| AGC clip call share of step ({a['pair'][0]}) | {100 * a['share_of_step']:.2f}% "
+            lines.append(f"| AGC clip call share of step ({a['pair'][0]}){at} | {100 * a['share_of_step']:.2f}% "
                          f"({a['clip_ms']:.1f} ms) | | | {a['goal']} | {_yn(a['met'])} |")
             lines.append(f"| step with vs without AGC ({a['pair'][0]} vs {a['pair'][1]}) | "
                          f"{100 * a['step_with_vs_without']:+.1f}% | | | (noise-limited) | |")
@@ -248,6 +251,10 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _group_label(g: dict[str, Any]) -> str:
+    return f"{g['name']} @ {g['resolution']} px" if "resolution" in g else g["name"]
+
+
 def _yn(met: bool) -> str:
     return "yes" if met else "**no**"
 
@@ -258,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, choices=GROUP_NAMES, metavar="GROUP",
                    help=f"benchmark groups to run (default: all of {', '.join(GROUP_NAMES)})")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=96)
+    p.add_argument("--resolution", type=int, nargs="+", default=[96],
+                   help="image sizes to run each group at (default 96; nfnet_f0_agc always runs at its training "
+                        "resolution, 192)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -313,8 +322,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.warmup = base_warmup + (1 if args.compile else 0)
             run = {"threads": torch.get_num_threads(), "mode": mode, "groups": []}
             for group in build_groups(args.num_classes, args.models):
-                log(f"[{group.name}, {run['threads']} thread(s), {mode}]")
-                run["groups"].append(run_group(group, args, device, log))
+                # A group with its own resolution runs once per (threads, mode), the others at each --resolution.
+                for res in [group.resolution] if group.resolution else args.resolution:
+                    log(f"[{group.name} @ {res} px, {run['threads']} thread(s), {mode}]")
+                    run["groups"].append(run_group(group, args, device, log, res))
             result["runs"].append(run)
             # Printed as each run ends: a long run interrupted later keeps the tables of the finished ones.
             print(f"\n## {run['threads']} thread(s), {mode}\n")
