@@ -154,8 +154,8 @@ def test_cli_end_to_end_with_tiny_group(monkeypatch, tmp_path, capsys) -> None: 
     )
     monkeypatch.setattr(run, "build_groups", lambda num_classes, names: [group])
     out = tmp_path / "bench.json"
-    result = run.main(["--batch", "2", "--resolution", "16", "20", "--steps", "2", "--warmup", "1", "--num-classes", "10",
-                       "--threads", "1", "--modes", "eager",
+    result = run.main(["--batch", "2", "--resolution", "16", "20", "--steps", "2", "--warmup", "1",
+                       "--num-classes", "10", "--threads", "1", "--modes", "eager",
                        "--gemm-size", "64", "--json", str(out)])
     text = capsys.readouterr().out
     rows = {r["variant"]: r for r in result["groups"][0]["rows"]}

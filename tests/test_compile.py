@@ -3,7 +3,8 @@
 Over three optimizer steps with an EMA update after each and an EMA evaluation in between, the training forward
 is captured once (one graph, no recompilation) and the EMA model's eval forward once. The default tests use
 Dynamo's CompileCounter backend (the captured FX graph runs as is: numbers equal eager to float32 rounding,
-rtol 1e-5 / atol 1e-6 here); the slow ones compile the registry models with Inductor (rtol/atol 1e-3).
+rtol/atol 1e-5 here, as the Proxy Norm layers run the ATen formulation when compiled and the CPU operators in
+eager mode); the slow ones compile the registry models with Inductor (rtol/atol 1e-3).
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ def test_compiled_training_one_graph_same_numbers(name: str) -> None:
     assert train_cnt.op_count > 0
     moved = [not torch.equal(a, b) for a, b in zip(params_e, build().parameters())]
     assert sum(moved) > len(moved) // 2  # training moved the weights
+    # Compiled, the Proxy Norm layers run the ATen formulation; eager, the CPU operators: float32 rounding apart.
     for a, b in zip(params_c, params_e):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(evals_c, evals_e):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

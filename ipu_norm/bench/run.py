@@ -222,9 +222,9 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"| {rt['label']}{at} (throughput ratio) | {rt['ratio']:.2f}x | {rt['ratio_paired']:.2f}x "
                          f"| {rt['ratio_min']:.2f}x | {rt['goal']} | {_yn(rt['met'])} |")
         for p in s.get("pn_overheads", []):
-            lines.append(f"| PN overhead: {p['pair'][0]} vs {p['pair'][1]}{at} (step time) | {100 * p['overhead']:+.1f}% "
-                         f"| {100 * p['overhead_paired']:+.1f}% | {100 * p['overhead_min']:+.1f}% | {p['goal']} "
-                         f"| {_yn(p['met'])} |")
+            lines.append(f"| PN overhead: {p['pair'][0]} vs {p['pair'][1]}{at} (step time) "
+                         f"| {100 * p['overhead']:+.1f}% | {100 * p['overhead_paired']:+.1f}% "
+                         f"| {100 * p['overhead_min']:+.1f}% | {p['goal']} | {_yn(p['met'])} |")
         if s["agc"]:
             a = s["agc"]
             lines.append(f"| AGC clip call share of step ({a['pair'][0]}){at} | {100 * a['share_of_step']:.2f}% "

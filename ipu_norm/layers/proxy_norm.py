@@ -51,7 +51,7 @@ def proxy_affine(
     elsewhere `proxy_stats` and two ATen ops.
     """
     act = canonical_act_name(act)
-    if act in PROXY_ACTS and gamma.dim() == 1 and native_ops_for(gamma):
+    if act in PROXY_ACTS and gamma.dim() == 1 and native_ops_for(gamma, in_compiled_graphs=True):
         dtype = torch.float64 if gamma.dtype == torch.float64 else torch.float32
         params = [t.to(dtype) for t in (gamma, beta, proxy_gamma, proxy_beta)]
         return torch.ops.ipu_norm.proxy_affine(*params, num_quantiles, act, eps)

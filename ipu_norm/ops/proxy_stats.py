@@ -99,19 +99,22 @@ def uses_plain_ops() -> bool:
         return False
     return _PLAIN_OPS.get() or running_on_ipu()
 
-def native_ops_for(x: torch.Tensor) -> bool:
+def native_ops_for(x: torch.Tensor, *, in_compiled_graphs: bool = False) -> bool:
     """Whether the compiled CPU operators (``ipu_norm.ops.native``) compute the Proxy Norm of tensor `x`.
 
     Yes for CPU float32/float64 contiguous tensors once the operators are built, except under `plain_ops()` and
-    PopTorch tracing. Builds them on the first eager call (layers do so at construction); under torch.compile
-    it never builds, it only asks whether they are loaded.
+    PopTorch tracing. Eager calls build them on first use (layers do so at construction). Under torch.compile
+    (which never builds them) only where `in_compiled_graphs`: the layers keep the statistics operator in compiled
+    graphs but give Inductor the ATen form of the norm's elementwise tail, which it fuses with the norm into
+    kernels of its own (faster there than an opaque operator between them; docs/benchmarks.md).
     """
     from ipu_norm.ops import native  # noqa: PLC0415 - lazily: a light module, but it imports the build tools
 
-    if not compat.is_compiling():
-        if uses_plain_ops() or x.device.type != "cpu":
-            return False
-        native.load()
+    if compat.is_compiling():
+        return in_compiled_graphs and native.usable_for(x)
+    if uses_plain_ops() or x.device.type != "cpu":
+        return False
+    native.load()
     return native.usable_for(x)
 
 
