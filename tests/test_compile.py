@@ -103,15 +103,15 @@ def test_compiled_training_one_graph_same_numbers(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,norm,agc", [
-    pytest.param("resnet50", "bn", False, marks=pytest.mark.xfail(
-        reason="one graph as required, but after 3 steps at batch 2 / 64 px the Inductor updates differ from eager "
-               "by ~35% in relative norm (measured once; tiny-batch BatchNorm amplification suspected, not "
-               "investigated); the CompileCounter test of a tiny BN ResNet matches eager to 1e-5", strict=False)),
-    ("efficientnet_b0", "gn+pn", False),
-                                           ("efficientnet_b0", "ln+pn", False), ("nfnet_f0", None, True),
-                                           ("nf_resnet50", None, True)])
-def test_registry_models_inductor_one_graph(name: str, norm: str | None, agc: bool) -> None:
+@pytest.mark.parametrize("name,norm,agc,steps", [
+    pytest.param("resnet50", "bn", False, 3, marks=pytest.mark.xfail(
+        reason="one graph as required, but this setting is too ill-conditioned for a 2% criterion: after 3 steps at "
+               "batch 2 / 64 px even eager float32 and eager float64 end 36% apart in relative update norm (1.1% "
+               "after 1 step), and Inductor differs from eager by ~35% (2.7% after 1 step); the CompileCounter "
+               "test of a tiny BN ResNet matches eager to 1e-5", strict=False)),
+    ("efficientnet_b0", "gn+pn", False, 3), ("efficientnet_b0", "ln+pn", False, 3), ("nfnet_f0", None, True, 3),
+    ("nf_resnet50", None, True, 3)])
+def test_registry_models_inductor_one_graph(name: str, norm: str | None, agc: bool, steps: int) -> None:
     from ipu_norm.models import create_model  # noqa: PLC0415
 
     torch._dynamo.reset()
@@ -119,8 +119,8 @@ def test_registry_models_inductor_one_graph(name: str, norm: str | None, agc: bo
     build = lambda: create_model(name, **kw)  # noqa: E731
     torch._dynamo.utils.counters.clear()
     # A small lr: deep BN models at batch 2 amplify Inductor's float32 reassociation over steps at lr 0.05.
-    params_c, evals_c = _train(build, agc, ("inductor", "inductor"), size=64, lr=1e-3)
-    params_e, evals_e = _train(build, agc, None, size=64, lr=1e-3)
+    params_c, evals_c = _train(build, agc, ("inductor", "inductor"), size=64, steps=steps, lr=1e-3)
+    params_e, evals_e = _train(build, agc, None, size=64, steps=steps, lr=1e-3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # training forward + EMA eval forward
     # The same training: the updates (final - initial weights) agree to 2% in relative norm (Inductor reassociates
     # float32 sums; element-wise comparisons fail on near-zero elements of deep BN models at batch 2).
