@@ -10,12 +10,14 @@
 // each with CPU, Meta (shapes only: torch.compile / fake tensors) and Autograd kernels; the backward ops
 // (*_backward) have CPU and Meta kernels. Under create_graph (double backward) the Autograd kernels compute their
 // gradients with differentiable ATen ops instead. The math is ipu_norm/ops/proxy_stats.py and
-// ipu_norm/layers/proxy_norm.py; tests/test_native_ops.py checks these kernels against ATen in float64.
+// ipu_norm/layers/proxy_norm.py; tests/test_native_ops.py checks these kernels against float64 references.
 //
-// Numerics: no -ffast-math. Every reduction is computed by one thread over one channel (or one (n, c) plane) in a
-// fixed order with float64 partial sums, and per-plane partials are summed over the batch in index order, so the
-// results do not depend on the thread count. float32 uses exp_f32 below (a branch-free Cody-Waite + polynomial
-// exp, ~1 ulp, that GCC vectorises); float64 uses std::exp. GELU uses std::erf (not vectorised).
+// Numerics: no -ffast-math. Every reduction is computed by one thread over one block of channels or one (n, c)
+// plane, in vector lanes of the tensor's dtype over pieces of at most kChunk elements (the statistics: over the n
+// quantiles of 16 channels at once), accumulated in float64 across pieces; every plane is cut into the same pieces
+// whichever thread takes it, and per-plane partials are summed over the batch in index order, so the results do not
+// depend on the thread count. float32 uses exp_f32 below (a branch-free Cody-Waite + polynomial exp, ~1 ulp, that
+// GCC vectorises); float64 uses std::exp. GELU uses std::erf (not vectorised).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
