@@ -246,7 +246,7 @@ def test_without_a_compiler_the_layers_warn_once_and_compute_the_same(tmp_path: 
         "torch.manual_seed(0); x = torch.randn(2, 8, 4, 4)\n"
         "torch.save(layers[0](x), 'out.pt')\n"
     )
-    env = dict(os.environ, CXX="false", XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, CXX="false", IPU_NORM_EXT_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ipu_norm.core.build import cache_dir
 from ipu_norm.data.collate import collate_batch, collate_into
 from ipu_norm.data.decode import EncodedImage, region_decoder_available
 from ipu_norm.data.seeding import make_generator, mix_seed, seeded_cpu_rng
@@ -100,7 +101,7 @@ def make_jpeg_corpus(root: str | os.PathLike, per_photo: int = 32, val_fraction:
 
 def default_cache_dir() -> Path:
     """Where the corpus is made when ``--cache-dir`` is not given."""
-    return Path(os.environ.get("IPU_NORM_EXT_DIR", Path.home() / ".cache" / "ipu_norm")) / "jpeg_corpus"
+    return cache_dir() / "jpeg_corpus"
 
 
 def list_images(folder: Path, limit: int) -> list[str]:

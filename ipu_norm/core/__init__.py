@@ -1,5 +1,6 @@
 """The floor every executor stands on: the one `ExecutionPlan` type, the `Backend` interface with its registry by
-device name, and the one stage-split algorithm. Imports nothing above itself (train/, ipu/, memory/, parallel/)."""
+device name, the one stage-split algorithm, and where compiled helpers are built (`core.build`). Imports nothing
+above itself (train/, ipu/, memory/, parallel/)."""
 
 from ipu_norm.core.backend import (
     Backend,

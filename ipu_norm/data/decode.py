@@ -22,12 +22,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ipu_norm.core.build import build_once, cache_dir
 
 _SRC = Path(__file__).with_name("csrc") / "jpeg_region.c"
 _CFLAGS = ("-O2", "-fPIC", "-shared")
@@ -49,23 +50,21 @@ def _build(out: Path) -> None:
     libjpeg = os.path.realpath(found.stdout.strip())
     if not os.path.isabs(found.stdout.strip()) or not os.path.exists(libjpeg):
         raise RuntimeError("the C compiler finds no libjpeg.so")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        lib, side = Path(tmp) / out.name, Path(tmp) / (out.name + ".libjpeg")
-        subprocess.run([cc, *_CFLAGS, str(_SRC), "-o", str(lib), "-ldl"], check=True, capture_output=True)
-        side.write_text(libjpeg)
-        os.replace(side, out.with_name(out.name + ".libjpeg"))
-        os.replace(lib, out)  # atomic, and last: concurrent builders never load a partial file or miss the path
+
+    def compile_into(tmp: Path) -> None:
+        subprocess.run([cc, *_CFLAGS, str(_SRC), "-o", str(tmp / out.name), "-ldl"], check=True, capture_output=True)
+        (tmp / (out.name + ".libjpeg")).write_text(libjpeg)
+
+    build_once(out, compile_into)  # the side file first, the library last: loaders never miss the path
 
 
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    """The region decoder, built once per source version into ``IPU_NORM_EXT_DIR`` (None when unavailable)."""
+    """The region decoder, built once per source version into ``core.build.cache_dir()`` (None when unavailable)."""
     if os.name != "posix":
         return None
     tag = hashlib.sha256(_SRC.read_bytes() + " ".join(_CFLAGS).encode() + os.uname().machine.encode()).hexdigest()
-    root = Path(os.environ.get("IPU_NORM_EXT_DIR", Path.home() / ".cache" / "ipu_norm"))
-    path = root / f"jpeg_region-{tag[:16]}.so"
+    path = cache_dir() / f"jpeg_region-{tag[:16]}.so"
     try:
         if not path.exists():
             _build(path)

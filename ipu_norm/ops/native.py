@@ -3,8 +3,9 @@
 They are real operators: TORCH_LIBRARY registration with CPU, Meta and Autograd kernels, parallel over channels
 or (n, c) planes with ``at::parallel_for`` at every thread count, no ``-ffast-math``. The library is compiled once
 per (torch version, source, compiler flags, CPU capability) with the system C++ compiler (~20 s, a message says
-so) into ``~/.cache/ipu_norm/ops`` (``$XDG_CACHE_HOME``), under a file lock and renamed into place, so concurrent
-processes neither race nor load a partial file. Build it ahead of time with ``python -m ipu_norm.ops.native``.
+so) into ``~/.cache/ipu_norm/ops`` (``$IPU_NORM_EXT_DIR/ops``), under a file lock and renamed into place
+(``ipu_norm.core.build.build_once``), so concurrent processes neither race nor load a partial file. Build it ahead
+of time with ``python -m ipu_norm.ops.native``.
 
 Where it cannot be built (no C++ compiler, no torch headers) one warning says why and the layers keep the ATen
 path (``ipu_norm.ops.proxy_stats.proxy_stats`` and the functions of ``ipu_norm.layers.proxy_norm``), which
@@ -17,19 +18,19 @@ before its first step, in eager mode and under torch.compile alike.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from ipu_norm.core.build import build_once, cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "proxy_norm_ops.cpp"
 LIBRARY_NAME = "ipu_norm_ops"
@@ -37,12 +38,6 @@ OPS = ("proxy_affine", "proxy_affine_backward", "pn_act", "pn_act_backward", "re
 
 # Whether the operators are registered in this process: None until load() ran, then True / False.
 _loaded: bool | None = None
-
-
-def cache_root() -> Path:
-    """Where built libraries live: $XDG_CACHE_HOME/ipu_norm/ops (default ~/.cache/ipu_norm/ops)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ipu_norm" / "ops"
 
 
 def _isa_flags() -> list[str]:
@@ -87,47 +82,26 @@ def library_path() -> Path:
     key = "\n".join([SOURCE.read_text(), torch.__version__, platform.machine(), " ".join(_isa_flags()),
                      str(_openmp()), str(int(torch._C._GLIBCXX_USE_CXX11_ABI))])
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / f"{LIBRARY_NAME}-torch{torch.__version__.split('+')[0]}-{tag}.so"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):  # noqa: ANN202
-    """An exclusive advisory lock on `path` (POSIX flock): one builder at a time across processes."""
-    import fcntl  # noqa: PLC0415 - POSIX only; the caller checks os.name
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return cache_dir() / "ops" / f"{LIBRARY_NAME}-torch{torch.__version__.split('+')[0]}-{tag}.so"
 
 
 def build(path: Path | None = None, verbose: bool = True) -> Path:
     """Compile the library into `path` (default `library_path()`) unless it is there already; return the path."""
     path = library_path() if path is None else path
-    if path.exists():
-        return path
-    if os.name != "posix":
-        raise RuntimeError("building the operators needs a POSIX system with a C++ compiler")
-    with _file_lock(path.with_name(path.name + ".lock")):
-        if path.exists():  # another process built it while we waited
-            return path
+
+    def compile_into(tmp: Path) -> None:
         if verbose:
             print(f"ipu_norm: building the Proxy Norm CPU operators once for torch {torch.__version__} "
                   f"(~20 s) into {path.parent}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            partial = Path(tmp) / path.name
-            run = subprocess.run(compile_command(partial), capture_output=True, text=True)
-            if run.returncode != 0:
-                errors = [ln for ln in run.stderr.splitlines() if "error" in ln] or run.stderr.splitlines()[-1:]
-                raise RuntimeError(f"the C++ compiler failed: {errors[0].strip() if errors else run.returncode}")
-            os.replace(partial, path)  # atomic: a concurrent loader sees no file or the whole file
+        run = subprocess.run(compile_command(tmp / path.name), capture_output=True, text=True)
+        if run.returncode != 0:
+            errors = [ln for ln in run.stderr.splitlines() if "error" in ln] or run.stderr.splitlines()[-1:]
+            raise RuntimeError(f"the C++ compiler failed: {errors[0].strip() if errors else run.returncode}")
         if verbose:
             print(f"ipu_norm: built {path.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return path
+
+    return build_once(path, compile_into)
 
 
 def load() -> bool:
@@ -148,11 +122,6 @@ def load() -> bool:
                           "slower ATen path instead (same results)", RuntimeWarning, stacklevel=2)
             _loaded = False
     return _loaded
-
-
-def loaded() -> bool:
-    """Whether the operators are registered (after `load()`); cheap, no side effects (safe inside forward)."""
-    return bool(_loaded)
 
 
 def usable_for(x: torch.Tensor) -> bool:
