@@ -340,19 +340,22 @@ std::vector<double> compute_quantiles(int64_t n) {
   return q;
 }
 
+// PROXY_NUM_QUANTILES of ipu_norm/ops/proxy_stats.py, the count every layer uses unless told otherwise.
+constexpr int64_t kDefaultQuantiles = 200;
+
 // The quantiles as T. The default count's table is a constant computed once (a function-local static: the same
 // values every call, nothing keyed by runtime state); other counts are computed per call.
 template <typename T>
 std::vector<T> quantiles(int64_t n) {
   TORCH_CHECK(n >= 2, "ipu_norm ops: need at least 2 proxy quantiles, got ", n);
-  static const std::vector<double> default_table = compute_quantiles(200);
-  const std::vector<double> table = n == 200 ? default_table : compute_quantiles(n);
+  static const std::vector<double> default_table = compute_quantiles(kDefaultQuantiles);
+  if (n == kDefaultQuantiles) return std::vector<T>(default_table.begin(), default_table.end());
+  const std::vector<double> table = compute_quantiles(n);
   return std::vector<T>(table.begin(), table.end());
 }
 
 Tensor quantiles_tensor(int64_t n, const Tensor& like) {
-  const std::vector<double> q = n == 200 ? quantiles<double>(200) : compute_quantiles(n);
-  return at::tensor(q, like.options().dtype(at::kDouble)).to(like.scalar_type());
+  return at::tensor(quantiles<double>(n), like.options().dtype(at::kDouble)).to(like.scalar_type());
 }
 
 struct ProxyParams {
