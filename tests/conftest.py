@@ -18,6 +18,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request: pytest.FixtureRequest):
+    """Run a test at one and at two intra-op threads (one code path whatever the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def poptorch_available() -> bool:
     try:
         import poptorch  # noqa: F401

@@ -362,14 +362,6 @@ def _expected(params: list[nn.Parameter], clip: float) -> list[torch.Tensor]:
     return [_reference_clip(p.detach(), p.grad, clip) for p in params]
 
 
-@pytest.fixture(params=[1, 2])
-def threads(request: pytest.FixtureRequest) -> int:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("change", ["none", "grad_mul", "weight_add", "accumulate", "zero_grad_keeps_tensor",
                                     "grad_replaced", "unscale_kernel", "grad_data_write_middle",
                                     "weight_data_write_middle", "unscale_with_zero_ends"])

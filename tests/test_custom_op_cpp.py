@@ -39,15 +39,20 @@ _D = ctypes.POINTER(ctypes.c_double)
 _F = ctypes.POINTER(ctypes.c_float)
 
 
-@pytest.fixture(scope="module")
-def capi(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """Compile custom_ops/proxy_stats_capi.cpp into a tmp dir (never into the repo) and load it."""
-    out = tmp_path_factory.mktemp("capi") / "libproxy_stats_capi.so"
+def _compile_capi(tmp_path_factory: pytest.TempPathFactory, name: str) -> ctypes.CDLL:
+    """Compile custom_ops/<name>.cpp (warnings are errors) into a tmp dir (never into the repo) and load it."""
+    out = tmp_path_factory.mktemp(name) / f"lib{name}.so"
     cmd = [CXX, "-std=c++14", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-           str(CUSTOM_OPS / "proxy_stats_capi.cpp"), "-o", str(out)]
+           str(CUSTOM_OPS / f"{name}.cpp"), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    lib = ctypes.CDLL(str(out))
+    return ctypes.CDLL(str(out))
+
+
+@pytest.fixture(scope="module")
+def capi(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """custom_ops/proxy_stats_capi.cpp, compiled and loaded."""
+    lib = _compile_capi(tmp_path_factory, "proxy_stats_capi")
     i64, cstr = ctypes.c_int64, ctypes.c_char_p
     lib.ipu_norm_gaussian_quantiles_f64.argtypes = [i64, _D]
     lib.ipu_norm_proxy_stats_forward_f64.argtypes = [cstr, i64, i64] + [_D] * 6
@@ -194,12 +199,7 @@ def test_popart_source_registers_the_python_names() -> None:
 
 @pytest.fixture(scope="module")
 def agc_capi(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    out = tmp_path_factory.mktemp("agc_capi") / "libagc_micro_capi.so"
-    cmd = [CXX, "-std=c++14", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-           str(CUSTOM_OPS / "agc_micro_capi.cpp"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    lib = ctypes.CDLL(str(out))
+    lib = _compile_capi(tmp_path_factory, "agc_micro_capi")
     i64, dbl = ctypes.c_int64, ctypes.c_double
     lib.ipu_norm_agc_micro_clip_f64.argtypes = [i64, i64, _D, _D, dbl, dbl, dbl, _D]
     lib.ipu_norm_agc_micro_clip_f32.argtypes = [i64, i64, _F, _F, dbl, dbl, dbl, _F]

@@ -155,18 +155,9 @@ def _fused_and_plain(w: torch.Tensor, gain: torch.Tensor | None, form: str, gamm
     return (fused, torch.autograd.grad(fused, inputs, upstream)), (plain, torch.autograd.grad(plain, inputs, upstream))
 
 
-@pytest.fixture(params=[1, 2])
-def ws_path(request: pytest.FixtureRequest) -> int:
-    """Run at one and at two intra-op threads (one code path whatever the thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("form", ["deepmind", "timm"])
 @pytest.mark.parametrize("with_gain", [True, False])
-def test_fused_path_matches_plain_autograd_float64(form: str, with_gain: bool, ws_path: int) -> None:
+def test_fused_path_matches_plain_autograd_float64(form: str, with_gain: bool, threads: int) -> None:
     # Rows 0-1 are constant and row 2 tiny (N var < eps: DeepMind's clamp is active there), row 3 has a large
     # mean, the rest are ordinary; one gain is 0 (timm NF-ResNet's zero-initialised last gain).
     g = torch.Generator().manual_seed(0)
@@ -188,7 +179,7 @@ def test_fused_path_matches_plain_autograd_float64(form: str, with_gain: bool, w
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_path_float32(channels_last: bool, ws_path: int) -> None:  # noqa: ARG001
+def test_fused_path_float32(channels_last: bool, threads: int) -> None:  # noqa: ARG001
     # fp32, also a channels_last (non-contiguous: always the ATen path) weight, and rows longer than the kernel's
     # summation block (512): the plain ops' values to fp32 rounding.
     for shape in [(16, 8, 3, 3), (8, 160, 3, 3)]:
@@ -203,7 +194,7 @@ def test_fused_path_float32(channels_last: bool, ws_path: int) -> None:  # noqa:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_path_saves_no_weight_sized_tensor(ws_path: int) -> None:  # noqa: ARG001
+def test_fused_path_saves_no_weight_sized_tensor(threads: int) -> None:  # noqa: ARG001
     # The fused path keeps only the weight itself (a parameter) and per-row vectors for backward; autograd over
     # the plain ops saves the centred weight too.
     w = torch.randn(64, 32, 3, 3, requires_grad=True)
